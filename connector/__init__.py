@@ -1,0 +1,1 @@
+"""Engine-agnostic core of kvtier (keys, chunk codec, store) and the thin engine adapters."""

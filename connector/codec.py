@@ -1,0 +1,183 @@
+"""The stored form of a chunk: magic, header length, msgpack header, raw tensor bytes.
+
+Decoding trusts nothing: every field is type- and range-checked and every size is bounded before
+anything is allocated, so a corrupt, truncated or hostile blob becomes a :class:`ChunkCorrupt`
+(which the stores count and turn into a miss). No pickle, no ``torch.load``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from math import prod
+
+import msgpack
+import xxhash
+
+from .keys import FORMAT_VERSION
+
+MAGIC = b"KVT\x01"
+_PREFIX = struct.Struct("<4sI")  # magic, header length
+PREFIX_BYTES = _PREFIX.size
+MAX_HEADER_BYTES = 64 * 1024
+MAX_PAYLOAD_BYTES = 4 * 1024**3
+MAX_DIMS = 8
+
+# dtype name -> item size. fp8 and bf16 are moved as bytes; the name only has to round-trip.
+DTYPE_SIZES: dict[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+    "uint8": 1,
+    "int8": 1,
+}
+
+
+class ChunkCorrupt(ValueError):
+    """A stored blob that is not a valid chunk (truncated, tampered, wrong key, unknown format)."""
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    """What a chunk says about itself; ``key`` ties the bytes to the name they are stored under."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    layout: str
+    model: str
+    num_tokens: int
+    checksum: int
+    version: int = FORMAT_VERSION
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A decoded chunk: its header and a read-only view of its payload bytes."""
+
+    header: ChunkHeader
+    payload: memoryview
+
+
+def payload_checksum(payload: memoryview | bytes) -> int:
+    return xxhash.xxh3_64_intdigest(payload)
+
+
+def encode_header(
+    key: str, dtype: str, shape: tuple[int, ...], layout: str, model: str, num_tokens: int,
+    payload: memoryview | bytes,
+) -> bytes:
+    """The prefix + msgpack header for ``payload``; the stored blob is this followed by the payload."""
+    if dtype not in DTYPE_SIZES:
+        raise ValueError(f"unsupported dtype {dtype!r}; allowed: {sorted(DTYPE_SIZES)}")
+    nbytes = memoryview(payload).nbytes
+    expected = prod(shape) * DTYPE_SIZES[dtype]
+    if nbytes != expected:
+        raise ValueError(f"payload has {nbytes} bytes but shape {shape} of {dtype} needs {expected}")
+    header = msgpack.packb(
+        {
+            "v": FORMAT_VERSION,
+            "key": key,
+            "dtype": dtype,
+            "shape": list(shape),
+            "layout": layout,
+            "model": model,
+            "tokens": num_tokens,
+            "nbytes": nbytes,
+            "xxh3": payload_checksum(payload),
+        },
+        use_bin_type=True,
+    )
+    return _PREFIX.pack(MAGIC, len(header)) + header
+
+
+def encode_chunk(
+    key: str, dtype: str, shape: tuple[int, ...], layout: str, model: str, num_tokens: int,
+    payload: memoryview | bytes,
+) -> bytearray:
+    """One contiguous blob (header and payload together, so no reader ever sees half a chunk)."""
+    head = encode_header(key, dtype, shape, layout, model, num_tokens, payload)
+    out = bytearray(len(head) + memoryview(payload).nbytes)
+    out[: len(head)] = head
+    out[len(head) :] = memoryview(payload).cast("B")
+    return out  # a bytearray: converting to bytes would copy the payload once more
+
+
+def _field(header: dict, name: str, kind: type | tuple[type, ...]):
+    value = header.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ChunkCorrupt(f"header field {name!r} missing or of wrong type")
+    return value
+
+
+def decode_header(blob: memoryview | bytes) -> tuple[ChunkHeader, int]:
+    """Parse and validate the header; returns it and the offset where the payload starts."""
+    view = memoryview(blob).cast("B")
+    if view.nbytes < PREFIX_BYTES:
+        raise ChunkCorrupt("blob shorter than the chunk prefix")
+    magic, header_len = _PREFIX.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise ChunkCorrupt("bad magic: not a kvtier chunk")
+    if header_len > MAX_HEADER_BYTES or PREFIX_BYTES + header_len > view.nbytes:
+        raise ChunkCorrupt(f"header length {header_len} out of bounds")
+    try:
+        raw = msgpack.unpackb(
+            view[PREFIX_BYTES : PREFIX_BYTES + header_len],
+            raw=False, strict_map_key=True,
+            max_array_len=MAX_DIMS, max_map_len=32, max_str_len=4096, max_bin_len=0, max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ChunkCorrupt(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ChunkCorrupt("header is not a map")
+    version = _field(raw, "v", int)
+    if version != FORMAT_VERSION:
+        raise ChunkCorrupt(f"unsupported chunk format version {version}")
+    dtype = _field(raw, "dtype", str)
+    if dtype not in DTYPE_SIZES:
+        raise ChunkCorrupt(f"unknown dtype {dtype!r}")
+    shape_list = _field(raw, "shape", list)
+    if not 1 <= len(shape_list) <= MAX_DIMS or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_PAYLOAD_BYTES for d in shape_list
+    ):
+        raise ChunkCorrupt("shape must be 1-8 positive ints")
+    shape = tuple(shape_list)
+    nbytes = _field(raw, "nbytes", int)
+    if not 0 < nbytes <= MAX_PAYLOAD_BYTES or nbytes != prod(shape) * DTYPE_SIZES[dtype]:
+        raise ChunkCorrupt("payload size disagrees with shape and dtype")
+    checksum = _field(raw, "xxh3", int)
+    if not 0 <= checksum < 2**64:
+        raise ChunkCorrupt("checksum out of range")
+    num_tokens = _field(raw, "tokens", int)
+    if num_tokens < 0:
+        raise ChunkCorrupt("negative token count")
+    header = ChunkHeader(
+        key=_field(raw, "key", str), dtype=dtype, shape=shape, layout=_field(raw, "layout", str),
+        model=_field(raw, "model", str), num_tokens=num_tokens, checksum=checksum, version=version,
+    )
+    return header, PREFIX_BYTES + header_len
+
+
+def decode_chunk(blob: memoryview | bytes, expected_key: str, verify_checksum: bool = True) -> Chunk:
+    """Validate a stored blob fully and return its header and payload view.
+
+    ``verify_checksum=False`` is for process-local tiers whose bytes never left this process.
+    """
+    header, offset = decode_header(blob)
+    if header.key != expected_key:
+        raise ChunkCorrupt(f"chunk stored under {expected_key[:16]}... names key {header.key[:16]}...")
+    view = memoryview(blob).cast("B")
+    if view.nbytes - offset != header.nbytes:
+        raise ChunkCorrupt(f"payload is {view.nbytes - offset} bytes, header says {header.nbytes}")
+    payload = view[offset:]
+    if verify_checksum and payload_checksum(payload) != header.checksum:
+        raise ChunkCorrupt("payload checksum mismatch")
+    return Chunk(header=header, payload=payload.toreadonly())

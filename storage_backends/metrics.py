@@ -1,0 +1,115 @@
+"""Per-tier Prometheus metrics.
+
+Each store owns its ``CollectorRegistry`` (no module-level state), so many stores can live in one
+process, and ``snapshot()`` reads the same numbers back for ``stats()``, tests and the CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+@dataclass
+class MetricSet:
+    """The metric families of one registry, labelled by tier."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r, t = self.registry, ["tier"]
+        self.lookups = Counter("kvtier_lookups", "Prefix lookups (contains calls)", t, registry=r)
+        self.lookup_keys = Counter("kvtier_lookup_keys", "Keys asked in prefix lookups", t, registry=r)
+        self.lookup_hits = Counter("kvtier_lookup_hit_chunks", "Leading chunks found by lookups", t, registry=r)
+        self.get_hits = Counter("kvtier_get_hits", "Chunks returned by get", t, registry=r)
+        self.get_misses = Counter("kvtier_get_misses", "Chunks asked of get and not found", t, registry=r)
+        self.bytes_read = Counter("kvtier_read_bytes", "Bytes returned by get", t, registry=r)
+        self.bytes_written = Counter("kvtier_written_bytes", "Bytes stored by put", t, registry=r)
+        self.stored = Counter("kvtier_stored_chunks", "Chunks stored by put", t, registry=r)
+        self.skipped = Counter("kvtier_skipped_stores", "Chunks a put did not store", t, registry=r)
+        self.errors = Counter("kvtier_errors", "Failed tier operations", ["tier", "op"], registry=r)
+        self.evictions = Counter("kvtier_evicted_chunks", "Chunks evicted to respect a cap", t, registry=r)
+        self.evicted_bytes = Counter("kvtier_evicted_bytes", "Bytes evicted to respect a cap", t, registry=r)
+        self.corrupt = Counter("kvtier_corrupt_chunks", "Stored chunks that failed validation", t, registry=r)
+        self.used_bytes = Gauge("kvtier_used_bytes", "Bytes held by the tier", t, registry=r)
+        self.used_chunks = Gauge("kvtier_used_chunks", "Chunks held by the tier", t, registry=r)
+        self.latency = Histogram(
+            "kvtier_op_seconds", "Tier operation latency", ["tier", "op"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+
+
+class TierMetrics:
+    """The metrics of one tier: a thin, typed facade over a shared :class:`MetricSet`."""
+
+    def __init__(self, tier: str, metric_set: MetricSet | None = None) -> None:
+        self.tier = tier
+        self.set = metric_set or MetricSet()
+
+    def lookup(self, asked: int, hits: int, seconds: float) -> None:
+        s, t = self.set, self.tier
+        s.lookups.labels(t).inc()
+        s.lookup_keys.labels(t).inc(asked)
+        s.lookup_hits.labels(t).inc(hits)
+        s.latency.labels(t, "contains").observe(seconds)
+
+    def got(self, hits: int, misses: int, nbytes: int, seconds: float) -> None:
+        s, t = self.set, self.tier
+        s.get_hits.labels(t).inc(hits)
+        s.get_misses.labels(t).inc(misses)
+        s.bytes_read.labels(t).inc(nbytes)
+        s.latency.labels(t, "get").observe(seconds)
+
+    def put(self, stored: int, skipped: int, nbytes: int, seconds: float) -> None:
+        s, t = self.set, self.tier
+        s.stored.labels(t).inc(stored)
+        s.skipped.labels(t).inc(skipped)
+        s.bytes_written.labels(t).inc(nbytes)
+        s.latency.labels(t, "put").observe(seconds)
+
+    def error(self, op: str, count: int = 1) -> None:
+        self.set.errors.labels(self.tier, op).inc(count)
+
+    def evicted(self, chunks: int, nbytes: int) -> None:
+        self.set.evictions.labels(self.tier).inc(chunks)
+        self.set.evicted_bytes.labels(self.tier).inc(nbytes)
+
+    def corrupt_chunk(self, count: int = 1) -> None:
+        self.set.corrupt.labels(self.tier).inc(count)
+
+    def usage(self, nbytes: int, chunks: int) -> None:
+        self.set.used_bytes.labels(self.tier).set(nbytes)
+        self.set.used_chunks.labels(self.tier).set(chunks)
+
+    def snapshot(self) -> dict[str, float]:
+        """Current values by short name, e.g. ``{"get_hits": 3.0, "errors": 1.0, ...}``."""
+        reg, labels = self.set.registry, {"tier": self.tier}
+
+        def value(name: str) -> float:
+            return reg.get_sample_value(name, labels) or 0.0
+
+        errors = sum(
+            sample.value
+            for metric in reg.collect() if metric.name == "kvtier_errors"
+            for sample in metric.samples
+            if sample.name == "kvtier_errors_total" and sample.labels.get("tier") == self.tier
+        )
+        return {
+            "lookups": value("kvtier_lookups_total"),
+            "lookup_keys": value("kvtier_lookup_keys_total"),
+            "lookup_hit_chunks": value("kvtier_lookup_hit_chunks_total"),
+            "get_hits": value("kvtier_get_hits_total"),
+            "get_misses": value("kvtier_get_misses_total"),
+            "read_bytes": value("kvtier_read_bytes_total"),
+            "written_bytes": value("kvtier_written_bytes_total"),
+            "stored_chunks": value("kvtier_stored_chunks_total"),
+            "skipped_stores": value("kvtier_skipped_stores_total"),
+            "errors": errors,
+            "evicted_chunks": value("kvtier_evicted_chunks_total"),
+            "evicted_bytes": value("kvtier_evicted_bytes_total"),
+            "corrupt_chunks": value("kvtier_corrupt_chunks_total"),
+            "used_bytes": value("kvtier_used_bytes"),
+            "used_chunks": value("kvtier_used_chunks"),
+        }
