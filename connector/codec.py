@@ -1,4 +1,4 @@
-"""The stored form of a chunk: magic, header length, msgpack header, raw tensor bytes.
+"""The stored form of a chunk: magic, header length, header checksum, msgpack header, raw bytes.
 
 Decoding trusts nothing: every field is type- and range-checked and every size is bounded before
 anything is allocated, so a corrupt, truncated or hostile blob becomes a :class:`ChunkCorrupt`
@@ -17,7 +17,7 @@ import xxhash
 from .keys import FORMAT_VERSION
 
 MAGIC = b"KVT\x01"
-_PREFIX = struct.Struct("<4sI")  # magic, header length
+_PREFIX = struct.Struct("<4sIQ")  # magic, header length, xxh3-64 of the header bytes
 PREFIX_BYTES = _PREFIX.size
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 4 * 1024**3
@@ -96,7 +96,7 @@ def encode_header(
         },
         use_bin_type=True,
     )
-    return _PREFIX.pack(MAGIC, len(header)) + header
+    return _PREFIX.pack(MAGIC, len(header), xxhash.xxh3_64_intdigest(header)) + header
 
 
 def encode_chunk(
@@ -123,11 +123,13 @@ def decode_header(blob: memoryview | bytes) -> tuple[ChunkHeader, int]:
     view = memoryview(blob).cast("B")
     if view.nbytes < PREFIX_BYTES:
         raise ChunkCorrupt("blob shorter than the chunk prefix")
-    magic, header_len = _PREFIX.unpack_from(view, 0)
+    magic, header_len, header_sum = _PREFIX.unpack_from(view, 0)
     if magic != MAGIC:
         raise ChunkCorrupt("bad magic: not a kvtier chunk")
     if header_len > MAX_HEADER_BYTES or PREFIX_BYTES + header_len > view.nbytes:
         raise ChunkCorrupt(f"header length {header_len} out of bounds")
+    if xxhash.xxh3_64_intdigest(view[PREFIX_BYTES : PREFIX_BYTES + header_len]) != header_sum:
+        raise ChunkCorrupt("header checksum mismatch")
     try:
         raw = msgpack.unpackb(
             view[PREFIX_BYTES : PREFIX_BYTES + header_len],

@@ -90,7 +90,7 @@ class TierMetrics:
         def value(name: str) -> float:
             return reg.get_sample_value(name, labels) or 0.0
 
-        errors = sum(
+        errors = 0.0 + sum(
             sample.value
             for metric in reg.collect() if metric.name == "kvtier_errors"
             for sample in metric.samples

@@ -1,0 +1,153 @@
+"""Host-memory tier: a pool of fixed-size slots with LRU eviction inside a byte cap.
+
+All slots have one size, so the pool never fragments: a blob takes ``ceil(nbytes / slot_bytes)``
+slots, not necessarily adjacent, and freeing them makes them usable by any later blob. The pool
+is allocated once (the OS maps its pages on first touch) and never grows; a pinned pool for CUDA
+can be passed in as ``pool``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import Buffer, StorageBackend
+from .metrics import TierMetrics
+
+
+@dataclass
+class _Entry:
+    slots: list[int]
+    nbytes: int
+
+
+class CpuBackend(StorageBackend):
+    """Fixed-slot host-memory pool, LRU within ``max_bytes``. Thread-safe (one lock)."""
+
+    process_local = True
+
+    def __init__(
+        self,
+        max_bytes: int,
+        slot_bytes: int = 2**20,
+        *,
+        name: str = "cpu",
+        metrics: TierMetrics | None = None,
+        pool: np.ndarray | None = None,
+    ) -> None:
+        super().__init__(name, metrics or TierMetrics(name))
+        if slot_bytes <= 0 or max_bytes < slot_bytes:
+            raise ValueError(f"need 0 < slot_bytes <= max_bytes, got {slot_bytes} and {max_bytes}")
+        num_slots = max_bytes // slot_bytes
+        if pool is None:
+            pool = np.empty((num_slots, slot_bytes), dtype=np.uint8)
+        if pool.dtype != np.uint8 or pool.shape != (num_slots, slot_bytes) or not pool.flags.c_contiguous:
+            raise ValueError(f"pool must be a C-contiguous uint8 array of shape {(num_slots, slot_bytes)}")
+        self.slot_bytes = slot_bytes
+        self._pool: np.ndarray | None = pool
+        self._free: list[int] = list(range(num_slots - 1, -1, -1))  # a stack: low slots first
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest first
+        self._used_bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def capacity_bytes(self) -> int:
+        return 0 if self._pool is None else self._pool.size
+
+    def contains(self, keys: Sequence[str]) -> int:
+        start = time.perf_counter()
+        with self._lock:
+            hits = 0
+            for key in keys:
+                if key not in self._entries:
+                    break
+                hits += 1
+        self.metrics.lookup(len(keys), hits, time.perf_counter() - start)
+        return hits
+
+    def get(self, keys: Sequence[str]) -> list[Buffer | None]:
+        start = time.perf_counter()
+        out: list[Buffer | None] = []
+        nbytes = 0
+        with self._lock:
+            for key in keys:
+                entry = self._entries.get(key) if self._pool is not None else None
+                if entry is None:
+                    out.append(None)
+                    continue
+                self._entries.move_to_end(key)
+                out.append(self._read(entry))
+                nbytes += entry.nbytes
+        hits = sum(b is not None for b in out)
+        self.metrics.got(hits, len(keys) - hits, nbytes, time.perf_counter() - start)
+        return out
+
+    def put(self, items: Sequence[tuple[str, Buffer]]) -> int:
+        start = time.perf_counter()
+        stored = nbytes = 0
+        with self._lock:
+            for key, blob in items:
+                view = memoryview(blob).cast("B")
+                need = -(-view.nbytes // self.slot_bytes)
+                if self._pool is None or view.nbytes == 0 or need > len(self._pool):
+                    continue
+                self._remove(key)
+                while len(self._free) < need:
+                    victim, entry = self._entries.popitem(last=False)
+                    self._release(entry)
+                    self.metrics.evicted(1, entry.nbytes)
+                entry = _Entry([self._free.pop() for _ in range(need)], view.nbytes)
+                self._write(entry, view)
+                self._entries[key] = entry
+                self._used_bytes += entry.nbytes
+                stored += 1
+                nbytes += view.nbytes
+            self.metrics.usage(self._used_bytes, len(self._entries))
+        self.metrics.put(stored, len(items) - stored, nbytes, time.perf_counter() - start)
+        return stored
+
+    def delete(self, keys: Sequence[str]) -> int:
+        with self._lock:
+            removed = sum(self._remove(key) for key in keys)
+            self.metrics.usage(self._used_bytes, len(self._entries))
+        return removed
+
+    def close(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._free.clear()
+            self._pool = None
+            self._used_bytes = 0
+            self.metrics.usage(0, 0)
+
+    # -- internals (lock held) ------------------------------------------------------------------
+
+    def _remove(self, key: str) -> bool:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        self._release(entry)
+        return True
+
+    def _release(self, entry: _Entry) -> None:
+        self._free.extend(entry.slots)
+        self._used_bytes -= entry.nbytes
+
+    def _write(self, entry: _Entry, view: memoryview) -> None:
+        src = np.frombuffer(view, dtype=np.uint8)
+        for i, slot in enumerate(entry.slots):
+            part = src[i * self.slot_bytes : (i + 1) * self.slot_bytes]
+            self._pool[slot, : part.size] = part
+
+    def _read(self, entry: _Entry) -> bytearray:
+        out = bytearray(entry.nbytes)
+        dst = np.frombuffer(out, dtype=np.uint8)
+        for i, slot in enumerate(entry.slots):
+            part = dst[i * self.slot_bytes : (i + 1) * self.slot_bytes]
+            part[:] = self._pool[slot, : part.size]
+        return out

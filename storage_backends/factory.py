@@ -1,0 +1,44 @@
+"""Build the configured tiers: the only place that maps config sections to backend classes."""
+
+from __future__ import annotations
+
+from kvtier.config import CpuTier, DiskTier, KVTierConfig, RedisTier, TierConfig
+
+from .base import StorageBackend
+from .metrics import MetricSet, TierMetrics
+from .tiered import TieredStore
+
+
+def build_tier(cfg: TierConfig, metric_set: MetricSet) -> StorageBackend:
+    metrics = TierMetrics(cfg.name, metric_set)
+    if isinstance(cfg, CpuTier):
+        from .cpu_backend import CpuBackend
+
+        return CpuBackend(cfg.max_bytes, cfg.slot_bytes, name=cfg.name, metrics=metrics)
+    if isinstance(cfg, DiskTier):
+        from .disk_backend import DiskBackend
+
+        return DiskBackend(cfg.path, cfg.max_bytes, name=cfg.name, metrics=metrics)
+    if isinstance(cfg, RedisTier):
+        from .redis_backend import RedisBackend
+
+        return RedisBackend(
+            cfg.url, name=cfg.name, metrics=metrics, key_prefix=cfg.key_prefix, ttl_seconds=cfg.ttl_seconds,
+            connect_timeout_s=cfg.connect_timeout_s, op_timeout_s=cfg.op_timeout_s,
+            retry_interval_s=cfg.retry_interval_s, max_connections=cfg.max_connections,
+        )
+    raise TypeError(f"unknown tier config {type(cfg).__name__}")
+
+
+def build_store(config: KVTierConfig, metric_set: MetricSet | None = None) -> TieredStore:
+    """The tiers of ``config`` in lookup order, sharing one metrics registry."""
+    metric_set = metric_set or MetricSet()
+    tiers: list[StorageBackend] = []
+    try:
+        for tier_cfg in config.tiers:
+            tiers.append(build_tier(tier_cfg, metric_set))
+    except BaseException:
+        for tier in tiers:
+            tier.close()
+        raise
+    return TieredStore(tiers, config.write_policy, config.max_pending_writes)
