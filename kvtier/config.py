@@ -97,8 +97,10 @@ TierConfig = Annotated[Union[CpuTier, DiskTier, RedisTier], Field(discriminator=
 
 
 class MetricsConfig(_Strict):
-    enabled: bool = True
-    port: int | None = Field(default=None, ge=1, le=65535)  # serve /metrics here when set
+    """Prometheus exposition; metrics are always collected, and served over HTTP when ``port`` is set."""
+
+    port: int | None = Field(default=None, ge=1, le=65535)
+    host: str = "127.0.0.1"
 
 
 class KVTierConfig(_Strict):

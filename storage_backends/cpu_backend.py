@@ -4,12 +4,18 @@ All slots have one size, so the pool never fragments: a blob takes ``ceil(nbytes
 slots, not necessarily adjacent, and freeing them makes them usable by any later blob. The pool
 is allocated once (the OS maps its pages on first touch) and never grows; a pinned pool for CUDA
 can be passed in as ``pool``.
+
+``get`` is zero-copy when a blob's slots are adjacent (the usual case: equal-sized chunks reuse
+the runs their predecessors freed): it returns a read-only numpy view of the pool. While any view
+of an entry is alive, its slots are quarantined instead of freed, so an eviction or overwrite can
+never change bytes a reader holds; they return to the free list once the last view is dropped.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +30,10 @@ from .metrics import TierMetrics
 class _Entry:
     slots: list[int]
     nbytes: int
+    view: weakref.ref | None = None  # the zero-copy view last handed out, if any
+
+    def has_reader(self) -> bool:
+        return self.view is not None and self.view() is not None
 
 
 class CpuBackend(StorageBackend):
@@ -51,6 +61,7 @@ class CpuBackend(StorageBackend):
         self.slot_bytes = slot_bytes
         self._pool: np.ndarray | None = pool
         self._free: list[int] = list(range(num_slots - 1, -1, -1))  # a stack: low slots first
+        self._quarantine: list[_Entry] = []  # removed entries whose views are still alive
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest first
         self._used_bytes = 0
         self._lock = threading.Lock()
@@ -97,11 +108,9 @@ class CpuBackend(StorageBackend):
                 if self._pool is None or view.nbytes == 0 or need > len(self._pool):
                     continue
                 self._remove(key)
-                while len(self._free) < need:
-                    victim, entry = self._entries.popitem(last=False)
-                    self._release(entry)
-                    self.metrics.evicted(1, entry.nbytes)
-                entry = _Entry([self._free.pop() for _ in range(need)], view.nbytes)
+                if not self._make_room(need):
+                    continue
+                entry = _Entry(sorted(self._free.pop() for _ in range(need)), view.nbytes)
                 self._write(entry, view)
                 self._entries[key] = entry
                 self._used_bytes += entry.nbytes
@@ -121,6 +130,7 @@ class CpuBackend(StorageBackend):
         with self._lock:
             self._entries.clear()
             self._free.clear()
+            self._quarantine.clear()
             self._pool = None
             self._used_bytes = 0
             self.metrics.usage(0, 0)
@@ -135,8 +145,28 @@ class CpuBackend(StorageBackend):
         return True
 
     def _release(self, entry: _Entry) -> None:
-        self._free.extend(entry.slots)
+        """Return the slots, or quarantine them while a reader still holds a view."""
+        if entry.has_reader():
+            self._quarantine.append(entry)
+        else:
+            self._free.extend(reversed(entry.slots))
         self._used_bytes -= entry.nbytes
+
+    def _make_room(self, need: int) -> bool:
+        """Evict LRU entries until ``need`` slots are free; False if readers pin too many slots."""
+        if len(self._free) < need and self._quarantine:
+            still_read = []
+            for entry in self._quarantine:
+                if entry.has_reader():
+                    still_read.append(entry)
+                else:
+                    self._free.extend(reversed(entry.slots))
+            self._quarantine = still_read
+        while len(self._free) < need and self._entries:
+            _, entry = self._entries.popitem(last=False)
+            self._release(entry)
+            self.metrics.evicted(1, entry.nbytes)
+        return len(self._free) >= need
 
     def _write(self, entry: _Entry, view: memoryview) -> None:
         src = np.frombuffer(view, dtype=np.uint8)
@@ -144,10 +174,19 @@ class CpuBackend(StorageBackend):
             part = src[i * self.slot_bytes : (i + 1) * self.slot_bytes]
             self._pool[slot, : part.size] = part
 
-    def _read(self, entry: _Entry) -> bytearray:
-        out = bytearray(entry.nbytes)
-        dst = np.frombuffer(out, dtype=np.uint8)
+    def _read(self, entry: _Entry) -> np.ndarray:
+        """A read-only view of adjacent slots, else a copy."""
+        first, count = entry.slots[0], len(entry.slots)
+        if entry.slots[-1] - first == count - 1:
+            view = entry.view() if entry.view is not None else None
+            if view is None:
+                view = self._pool[first : first + count].reshape(-1)[: entry.nbytes]
+                view.flags.writeable = False
+                entry.view = weakref.ref(view)
+            return view
+        out = np.empty(entry.nbytes, dtype=np.uint8)
         for i, slot in enumerate(entry.slots):
-            part = dst[i * self.slot_bytes : (i + 1) * self.slot_bytes]
+            part = out[i * self.slot_bytes : (i + 1) * self.slot_bytes]
             part[:] = self._pool[slot, : part.size]
+        out.flags.writeable = False
         return out

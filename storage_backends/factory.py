@@ -42,3 +42,11 @@ def build_store(config: KVTierConfig, metric_set: MetricSet | None = None) -> Ti
             tier.close()
         raise
     return TieredStore(tiers, config.write_policy, config.max_pending_writes)
+
+
+def serve_metrics(metric_set: MetricSet, port: int, host: str = "127.0.0.1") -> object:
+    """Serve ``/metrics`` for this store's registry on ``host:port``; returns the HTTP server."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=host, registry=metric_set.registry)
+    return server

@@ -68,7 +68,8 @@ def test_no_slot_leak_over_many_cycles() -> None:
         if i % 7 == 0:
             backend.delete([_key(int(rng.integers(0, 50)))])
     held = sum(-(-e.nbytes // SLOT) for e in backend._entries.values())
-    assert held + len(backend._free) == 16  # every slot is either held or free, exactly once
+    quarantined = sum(len(e.slots) for e in backend._quarantine)
+    assert held + quarantined + len(backend._free) == 16  # every slot is either held or free, exactly once
     assert len(set(backend._free)) == len(backend._free)
 
 
@@ -94,6 +95,46 @@ def test_concurrent_readers_and_writers_never_see_torn_blobs() -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_get_is_a_read_only_zero_copy_view_of_adjacent_slots() -> None:
+    backend = CpuBackend(8 * SLOT, SLOT)
+    backend.put([(_key(0), b"q" * (3 * SLOT))])
+    first, second = backend.get([_key(0)])[0], backend.get([_key(0)])[0]
+    assert np.shares_memory(first, backend._pool) and first is second
+    with pytest.raises(ValueError):
+        first[0] = 1
+
+
+def test_a_held_view_never_changes_under_eviction_or_overwrite() -> None:
+    backend = CpuBackend(4 * SLOT, SLOT)
+    backend.put([(_key(0), b"a" * (2 * SLOT))])
+    held = memoryview(backend.get([_key(0)])[0])  # what decode_chunk keeps
+    backend.put([(_key(0), b"b" * (2 * SLOT))])  # overwrite the key
+    for i in range(1, 20):  # and churn the pool so eviction happens
+        backend.put([(_key(i), bytes([i]) * (2 * SLOT))])
+    assert bytes(held) == b"a" * (2 * SLOT)
+    assert backend.stats()["evicted_chunks"] > 0
+    del held
+    backend.put([(_key(99), b"z" * (4 * SLOT))])  # needs every slot: possible only once the view is gone
+    assert bytes(backend.get([_key(99)])[0]) == b"z" * (4 * SLOT)
+
+
+def test_views_that_pin_the_whole_pool_make_puts_skip_not_corrupt() -> None:
+    backend = CpuBackend(2 * SLOT, SLOT)
+    backend.put([(_key(0), b"a" * (2 * SLOT))])
+    held = backend.get([_key(0)])[0]
+    assert backend.put([(_key(1), b"b" * SLOT)]) == 0
+    assert bytes(held) == b"a" * (2 * SLOT)
+
+
+def test_scattered_slots_are_copied_out() -> None:
+    backend = CpuBackend(4 * SLOT, SLOT)
+    backend.put([(_key(i), bytes([i]) * SLOT) for i in range(4)])
+    backend.delete([_key(0), _key(2)])  # frees slots 0 and 2: not adjacent
+    backend.put([(_key(7), b"s" * (2 * SLOT))])
+    blob = backend.get([_key(7)])[0]
+    assert bytes(blob) == b"s" * (2 * SLOT) and not np.shares_memory(blob, backend._pool)
 
 
 def test_close_releases_and_later_calls_miss() -> None:
