@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from kvtier.storage_backends.redis_backend import mask_url
+
 from . import __version__
 from .config import ConfigError, DiskTier, RedisTier, load_config
 
@@ -22,7 +24,7 @@ def _check_config(args: argparse.Namespace, console: Console) -> int:
         if isinstance(tier, DiskTier):
             where, cap = tier.path, f"{tier.max_bytes / 2**30:.2f} GiB"
         elif isinstance(tier, RedisTier):
-            where, cap = _mask(tier.url), f"ttl {tier.ttl_seconds or 'none'}"
+            where, cap = mask_url(tier.url), f"ttl {tier.ttl_seconds or 'none'}"
         else:
             where, cap = "host memory", f"{tier.max_bytes / 2**30:.2f} GiB"
         table.add_row(tier.name, tier.type, where, cap)
@@ -30,17 +32,6 @@ def _check_config(args: argparse.Namespace, console: Console) -> int:
     console.print(f"chunk_size={config.chunk_size} write_policy={config.write_policy} "
                   f"namespace={config.namespace!r} metrics_port={config.metrics.port}")
     return 0
-
-
-def _mask(url: str) -> str:
-    """The URL without its password, for printing."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
@@ -64,7 +55,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     for kind, where in targets:
         summary = summarize_disk(where) if kind == "disk" else summarize_redis(where, args.prefix)
         table.add_row(
-            f"{kind} {_mask(where)}", str(summary.chunks), f"{summary.bytes / 2**20:.1f} MiB",
+            f"{kind} {mask_url(where)}", str(summary.chunks), f"{summary.bytes / 2**20:.1f} MiB",
             str(summary.unreadable),
             ", ".join(f"{m} ({n})" for m, n in summary.models.most_common()) or "-",
             ", ".join(f"{m} ({n})" for m, n in summary.layouts.most_common()) or "-",

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -57,7 +57,7 @@ class CpuTier(_Strict):
     _sizes = field_validator("max_bytes", "slot_bytes", mode="before")(lambda v: parse_byte_size(v))
 
     @model_validator(mode="after")
-    def _slots_fit(self) -> "CpuTier":
+    def _slots_fit(self) -> CpuTier:
         if self.slot_bytes > self.max_bytes:
             raise ValueError(f"slot_bytes ({self.slot_bytes}) must not exceed max_bytes ({self.max_bytes})")
         return self
@@ -93,7 +93,7 @@ class RedisTier(_Strict):
     max_connections: int = Field(default=16, ge=1, le=1024)
 
 
-TierConfig = Annotated[Union[CpuTier, DiskTier, RedisTier], Field(discriminator="type")]
+TierConfig = Annotated[CpuTier | DiskTier | RedisTier, Field(discriminator="type")]
 
 
 class MetricsConfig(_Strict):
@@ -114,7 +114,7 @@ class KVTierConfig(_Strict):
     metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
-    def _unique_tier_names(self) -> "KVTierConfig":
+    def _unique_tier_names(self) -> KVTierConfig:
         names = [t.name for t in self.tiers]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

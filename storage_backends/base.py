@@ -17,7 +17,7 @@ from typing import Union
 from .metrics import TierMetrics
 
 # Anything exposing the buffer protocol: bytes, bytearray, memoryview, numpy arrays.
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = Union[bytes, bytearray, memoryview]  # noqa: UP007 (a runtime alias)
 
 
 class StorageBackend(ABC):

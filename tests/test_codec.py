@@ -5,14 +5,21 @@ from __future__ import annotations
 import struct
 
 import msgpack
-import xxhash
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtier.connector.codec import (
-    DTYPE_SIZES, MAGIC, PREFIX_BYTES, ChunkCorrupt, decode_chunk, decode_header, encode_chunk, encode_header,
+    DTYPE_SIZES,
+    MAGIC,
+    PREFIX_BYTES,
+    ChunkCorrupt,
+    decode_chunk,
+    decode_header,
+    encode_chunk,
+    encode_header,
 )
 
 KEY = "ab" * 32

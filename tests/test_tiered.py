@@ -30,14 +30,6 @@ def _chunk(i: int, size: int = 4096) -> tuple[str, bytearray]:
     return _key(i), encode_chunk(_key(i), "float16", (size // 2,), "test", "tiny", 16, payload)
 
 
-def _disk_path(backend: DiskBackend, key: str) -> Path:
-    return Path(backend_root(backend)) / key[:2] / f"{key}.kvc"
-
-
-def backend_root(backend: DiskBackend) -> Path:
-    return Path(backend.root) if hasattr(backend, "root") else Path(backend.path)
-
-
 @pytest.fixture
 def cpu_disk(tmp_path: Path) -> TieredStore:
     store = TieredStore([CpuBackend(1 << 20, 4096), DiskBackend(tmp_path / "disk", 1 << 22)])
