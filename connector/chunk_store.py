@@ -64,7 +64,7 @@ class ChunkStore:
         chunks = self.copier.gather(paged, slots, out=torch.empty(
             (len(keys), *paged.chunk_shape(self.chunk_size)), dtype=paged.dtype, device="cpu"))
         items = [
-            (key, encode_chunk(key, self.namespace.kv_dtype, tuple(chunk.shape), paged.layout_id,
+            (key, encode_chunk(key, self.namespace.kv_dtype, tuple(chunk.shape), paged.format_id,
                                self.namespace.model, self.chunk_size, _as_bytes(chunk)))
             for key, chunk in zip(keys, chunks)
         ]
@@ -98,17 +98,19 @@ class ChunkStore:
         return usable
 
     def _check_paged(self, paged: PagedKV) -> None:
-        if dtype_name(paged.dtype) != self.namespace.kv_dtype or paged.layout_id != self.namespace.layout:
+        """The namespace names the chunk format (``format_id``), not the engine's layout, so NHD,
+        HND and SGLang pools holding the same KV share chunks."""
+        if dtype_name(paged.dtype) != self.namespace.kv_dtype or paged.format_id != self.namespace.layout:
             raise ValueError(
-                f"paged KV ({dtype_name(paged.dtype)}, {paged.layout_id}) does not match the key namespace "
+                f"paged KV ({dtype_name(paged.dtype)}, {paged.format_id}) does not match the key namespace "
                 f"({self.namespace.kv_dtype}, {self.namespace.layout})")
 
     def _matches(self, key: str, chunk: Chunk, shape: tuple[int, ...], paged: PagedKV) -> bool:
         h = chunk.header
-        if (h.dtype, h.shape, h.layout, h.num_tokens) == (self.namespace.kv_dtype, shape, paged.layout_id, self.chunk_size):
+        if (h.dtype, h.shape, h.layout, h.num_tokens) == (self.namespace.kv_dtype, shape, paged.format_id, self.chunk_size):
             return True
         log.warning("kvtier: chunk %s... has format (%s, %s, %s), expected (%s, %s, %s); recomputing",
-                    key[:16], h.dtype, h.shape, h.layout, self.namespace.kv_dtype, shape, paged.layout_id)
+                    key[:16], h.dtype, h.shape, h.layout, self.namespace.kv_dtype, shape, paged.format_id)
         return False
 
 

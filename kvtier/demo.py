@@ -41,7 +41,7 @@ def run_demo(console: Console, config_path: str | None = None) -> int:
     config = load_config(config_path)
     copier = make_copier(torch.device("cpu"))
     paged_a, slots_a = _engine_cache(seed=1)
-    namespace = KeyNamespace(model="demo/llama-8l", kv_dtype=dtype_name(paged_a.dtype), layout=paged_a.layout_id,
+    namespace = KeyNamespace(model="demo/llama-8l", kv_dtype=dtype_name(paged_a.dtype), layout=paged_a.format_id,
                              num_layers=LAYERS, kv_heads=HEADS, head_dim=HEAD_DIM, tp_size=1, tp_rank=0,
                              chunk_size=config.chunk_size, salt=config.namespace)
     tokens = torch.randint(0, 32000, (PROMPT,), generator=torch.Generator().manual_seed(time.time_ns())).tolist()
