@@ -98,22 +98,13 @@ def _remove_dead_temps(root: Path) -> None:
                 tmp.unlink()
 
 
-def _read_whole(path: Path) -> bytearray:
-    """The whole file in one preallocated buffer; touches its mtime for LRU across restarts."""
+def _read_whole(path: Path) -> bytes:
+    """The whole file (one uninitialised allocation, no zero-fill); touches its mtime for LRU across restarts."""
     with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        buf = bytearray(size)
-        view, got = memoryview(buf), 0
-        while got < size:
-            n = f.readinto(view[got:])
-            if not n:
-                break  # truncated under us: return what is there, the checksum rejects it
-            got += n
-        view.release()
-        del buf[got:]
+        data = f.read()  # a short result (truncated under us) is rejected by the checksum above
         with suppress(OSError):  # a read-only medium loses recency, not the hit
             os.utime(f.fileno())
-        return buf
+        return data
 
 
 class DiskBackend(StorageBackend):

@@ -74,7 +74,7 @@ def test_round_trip_delete_and_prefix_contains(store_dir: Path) -> None:
     got = disk.get(keys + [big_key, make_key("absent")])
     assert got[-1] is None
     for key, blob, back in zip(keys + [big_key], blobs + [big], got):
-        assert isinstance(back, bytearray) and back == blob
+        assert bytes(back) == bytes(blob)
         assert decode_chunk(back, key).header.model == "test-model"
     assert disk.stats()["get_hits"] == 5 and disk.stats()["get_misses"] == 1
     assert disk.stats()["used_bytes"] == disk_bytes(store_dir) == sum(map(len, blobs)) + len(big)
