@@ -28,7 +28,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
-from ..connector.codec import MAX_HEADER_BYTES, PREFIX_BYTES, ChunkCorrupt, decode_header
+from kvtier.connector.codec import MAX_HEADER_BYTES, PREFIX_BYTES
+
 from .base import Buffer, StorageBackend
 from .metrics import TierMetrics
 from .summary import StoreSummary
@@ -376,15 +377,5 @@ def summarize_disk(path: str | os.PathLike[str]) -> StoreSummary:
         except OSError:
             summary.unreadable += 1
             continue
-        summary.bytes += size
-        try:
-            header, _ = decode_header(head)
-            if header.key != key:
-                raise ChunkCorrupt("chunk names another key")
-        except ChunkCorrupt:
-            summary.unreadable += 1
-            continue
-        summary.chunks += 1
-        summary.models[header.model] += 1
-        summary.layouts[header.layout] += 1
+        summary.count(key, head, size)
     return summary

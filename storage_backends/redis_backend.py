@@ -32,7 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from kvtier.connector.codec import MAGIC, MAX_HEADER_BYTES, PREFIX_BYTES, ChunkCorrupt, decode_header
+from kvtier.connector.codec import MAGIC, MAX_HEADER_BYTES, PREFIX_BYTES
 
 from .base import Buffer, StorageBackend
 from .metrics import TierMetrics
@@ -265,16 +265,6 @@ def _summarize_page(client: redis.Redis, keys: list[bytes], prefix: bytes, summa
     for key, head, size in zip(keys, heads, sizes):
         if isinstance(size, int) and size == 0:
             continue  # deleted (or emptied) between SCAN and read
-        summary.bytes += size if isinstance(size, int) else 0
-        try:
-            if not isinstance(head, bytes) or not isinstance(size, int):
-                raise ChunkCorrupt("not a string value")
-            header, offset = decode_header(head)
-            if header.key.encode() != key[len(prefix):] or size - offset != header.nbytes:
-                raise ChunkCorrupt("key or size disagrees with header")
-        except ChunkCorrupt:
-            summary.unreadable += 1
-            continue
-        summary.chunks += 1
-        summary.models[header.model] += 1
-        summary.layouts[header.layout] += 1
+        readable = isinstance(head, bytes) and isinstance(size, int)
+        summary.count(key[len(prefix):].decode(errors="replace"), head if readable else None,
+                      size if isinstance(size, int) else 0)
