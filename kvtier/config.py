@@ -110,6 +110,7 @@ class KVTierConfig(_Strict):
     tiers: list[TierConfig] = Field(min_length=1)
     write_policy: Literal["write_through", "top_only"] = "write_through"
     namespace: str = ""  # tenant / cache salt: separates caches that share a store
+    model_id: str | None = None  # names the model in keys; default: the engine's model name or path
     max_pending_writes: int = Field(default=64, ge=1, le=1 << 16)  # batches queued for lower tiers
     metrics: MetricsConfig = MetricsConfig()
 

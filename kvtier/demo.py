@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kvtier.connector.chunk_store import ChunkStore, dtype_name
+from kvtier.connector.chunk_store import ChunkStore, dtype_name, split_slots
 from kvtier.connector.keys import KeyNamespace
 from kvtier.cuda_ext import PagedKV, make_copier
 from kvtier.storage_backends.factory import build_store
@@ -61,7 +61,7 @@ def run_demo(console: Console, config_path: str | None = None) -> int:
     chunks = ChunkStore(store, namespace, copier)
     t0 = time.perf_counter()
     found = chunks.lookup(tokens)
-    stored = chunks.save(tokens, paged_a, slots_a, wait=True)
+    stored = chunks.save(tokens, paged_a, split_slots(slots_a, config.chunk_size), wait=True)
     store.flush()
     table.add_row("engine A: lookup (miss), save", str(found), f"{(time.perf_counter() - t0) * 1e3:.1f} ms",
                   f"{stored} chunks stored")
@@ -76,7 +76,7 @@ def run_demo(console: Console, config_path: str | None = None) -> int:
         paged_b, slots_b = _engine_cache(seed=2 + reopen)
         t0 = time.perf_counter()
         hit_tokens = chunks.lookup(tokens)
-        loaded = chunks.load(tokens, paged_b, slots_b, hit_tokens // config.chunk_size)
+        loaded = chunks.load(tokens, paged_b, split_slots(slots_b, config.chunk_size)[: hit_tokens // config.chunk_size])
         elapsed = time.perf_counter() - t0
         same = torch.equal(_prompt_kv(paged_b, slots_b)[:, :, : expected.shape[2]], expected)
         ok &= same and loaded * config.chunk_size == expected.shape[2]

@@ -32,21 +32,26 @@ class _TierWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kvtier-{tier.name}")
         self._max_pending = max_pending
         self._pending = 0
-        self._lock = threading.Lock()
+        self._idle = threading.Condition()
         self._warned = False
 
     def submit(self, items: list[tuple[str, Buffer]]) -> Future | None:
-        """Queue a put; None (and counted as skipped) if the queue is full."""
-        with self._lock:
-            if self._pending >= self._max_pending:
-                self.tier.metrics.put(0, len(items), 0, 0.0)
-                if not self._warned:
-                    log.warning("kvtier: %s tier is falling behind; dropping writes", self.tier.name)
-                    self._warned = True
-                return None
-            self._pending += 1
-            self._warned = False
-        return self._pool.submit(self._run, items)
+        """Queue a put; None (and counted as skipped) if the queue is full or shut down."""
+        with self._idle:
+            full = self._pending >= self._max_pending
+            if not full:
+                self._pending += 1
+                self._warned = False
+        if not full:
+            try:
+                return self._pool.submit(self._run, items)
+            except RuntimeError:  # shut down (the interpreter is exiting)
+                self._done()
+        self.tier.metrics.put(0, len(items), 0, 0.0)
+        if full and not self._warned:
+            log.warning("kvtier: %s tier is falling behind; dropping writes", self.tier.name)
+            self._warned = True
+        return None
 
     def _run(self, items: list[tuple[str, Buffer]]) -> int:
         try:
@@ -56,11 +61,18 @@ class _TierWriter:
             self.tier.metrics.error("put")
             return 0
         finally:
-            with self._lock:
-                self._pending -= 1
+            self._done()
 
-    def flush(self) -> None:
-        self._pool.submit(lambda: None).result()
+    def _done(self) -> None:
+        with self._idle:
+            self._pending -= 1
+            if not self._pending:
+                self._idle.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued write has run; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
@@ -145,10 +157,9 @@ class TieredStore:
     def delete(self, keys: Sequence[str]) -> int:
         return max((tier.delete(keys) for tier in self.tiers), default=0)
 
-    def flush(self) -> None:
-        """Wait until every queued write has reached its tier."""
-        for writer in self._writers:
-            writer.flush()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued write has reached its tier; False if ``timeout`` ran out."""
+        return all([writer.flush(timeout) for writer in self._writers])
 
     def close(self) -> None:
         if self._closed:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvtier.connector.chunk_store import ChunkStore, dtype_name
+from kvtier.connector.chunk_store import ChunkStore, dtype_name, split_slots
 from kvtier.connector.keys import KeyNamespace
 from kvtier.cuda_ext import PagedKV, make_copier
 from kvtier.storage_backends.cpu_backend import CpuBackend
@@ -54,10 +54,10 @@ def test_save_then_load_into_another_layout_is_exact(store: TieredStore) -> None
     src_slots, dst_slots = _slots(30, 1), _slots(30, 2)
     saver = ChunkStore(store, _namespace(src), make_copier("cpu"))
     assert saver.lookup(tokens) == 0
-    assert saver.save(tokens, src, src_slots, wait=True) == 3
+    assert saver.save(tokens, src, split_slots(src_slots, CHUNK)[:3], wait=True) == 3
     loader = ChunkStore(store, _namespace(dst), make_copier("cpu"))
     assert loader.lookup(tokens) == 24
-    assert loader.load(tokens, dst, dst_slots, 3) == 3
+    assert loader.load(tokens, dst, split_slots(dst_slots, CHUNK)[:3]) == 3
     assert torch.equal(_kv_at(dst, dst_slots[:24]).view(torch.int16), _kv_at(src, src_slots[:24]).view(torch.int16))
     assert not _kv_at(dst, dst_slots[24:]).any()  # the partial chunk was not loaded
 
@@ -65,33 +65,36 @@ def test_save_then_load_into_another_layout_is_exact(store: TieredStore) -> None
 def test_prefix_sharing_and_divergence(store: TieredStore) -> None:
     paged = _cache("NHD")
     chunks = ChunkStore(store, _namespace(paged), make_copier("cpu"))
-    chunks.save(list(range(32)), paged, _slots(32, 1), wait=True)
+    chunks.save(list(range(32)), paged, split_slots(_slots(32, 1), CHUNK), wait=True)
     diverged = list(range(16)) + [999] + list(range(17, 32))  # differs inside chunk 2
     assert chunks.lookup(diverged) == 16
     assert chunks.lookup(list(range(40))) == 32
 
 
-def test_save_skips_chunks_already_stored(store: TieredStore) -> None:
+def test_save_can_start_at_a_later_chunk(store: TieredStore) -> None:
     paged = _cache("NHD")
     chunks = ChunkStore(store, _namespace(paged), make_copier("cpu"))
-    assert chunks.save(list(range(32)), paged, _slots(32, 1), skip_chunks=3, wait=True) == 1
+    assert chunks.save(list(range(32)), paged, split_slots(_slots(32, 1), CHUNK)[3:], first_chunk=3, wait=True) == 1
     assert chunks.lookup(list(range(32))) == 0  # chunks 0-2 were not written
+    assert store.contains(chunks.keys(list(range(32)))[3:]) == 1
 
 
 @pytest.mark.parametrize("change", [{"salt": "tenant-b"}, {"model": "other"}, {"tp_size": 2, "tp_rank": 1}])
 def test_other_namespaces_never_hit(store: TieredStore, change: dict) -> None:
     paged = _cache("NHD")
-    ChunkStore(store, _namespace(paged), make_copier("cpu")).save(list(range(16)), paged, _slots(16, 1), wait=True)
+    ChunkStore(store, _namespace(paged), make_copier("cpu")).save(
+        list(range(16)), paged, split_slots(_slots(16, 1), CHUNK), wait=True)
     assert ChunkStore(store, _namespace(paged, **change), make_copier("cpu")).lookup(list(range(16))) == 0
 
 
 def test_fp8_and_bf16_caches_do_not_collide(store: TieredStore) -> None:
     bf16, fp8 = _cache("NHD", torch.bfloat16), _cache("NHD", torch.float8_e4m3fn)
-    ChunkStore(store, _namespace(bf16), make_copier("cpu")).save(list(range(16)), bf16, _slots(16, 1), wait=True)
+    ChunkStore(store, _namespace(bf16), make_copier("cpu")).save(
+        list(range(16)), bf16, split_slots(_slots(16, 1), CHUNK), wait=True)
     fp8_chunks = ChunkStore(store, _namespace(fp8), make_copier("cpu"))
     assert fp8_chunks.lookup(list(range(16))) == 0
     with pytest.raises(ValueError, match="does not match the key namespace"):
-        fp8_chunks.save(list(range(16)), bf16, _slots(16, 1))
+        fp8_chunks.save(list(range(16)), bf16, split_slots(_slots(16, 1), CHUNK))
 
 
 def test_a_corrupt_middle_chunk_ends_the_loaded_prefix(tmp_path: Path) -> None:
@@ -100,13 +103,13 @@ def test_a_corrupt_middle_chunk_ends_the_loaded_prefix(tmp_path: Path) -> None:
     src, dst = _cache("NHD"), _cache("NHD", fill=False)
     chunks = ChunkStore(store, _namespace(src), make_copier("cpu"))
     tokens = list(range(32))
-    chunks.save(tokens, src, _slots(32, 1), wait=True)
+    chunks.save(tokens, src, split_slots(_slots(32, 1), CHUNK), wait=True)
     victim = next(tmp_path.rglob(f"{chunks.keys(tokens)[1]}.kvc"))
     data = bytearray(victim.read_bytes())
     data[-3] ^= 0x40
     victim.write_bytes(data)
     dst_slots = _slots(32, 2)
-    assert chunks.load(tokens, dst, dst_slots, 4) == 1  # chunk 0 only; 1 is corrupt, 2-3 are useless without it
+    assert chunks.load(tokens, dst, split_slots(dst_slots, CHUNK)) == 1  # chunk 0 only; 1 is corrupt, 2-3 are useless without it
     assert disk.stats()["corrupt_chunks"] == 1
     assert not _kv_at(dst, dst_slots[8:]).any()
     store.close()
@@ -123,4 +126,36 @@ def test_a_chunk_of_another_shape_under_the_right_key_is_refused(store: TieredSt
     store.put([(key, encode_chunk(key, other.kv_dtype, (LAYERS, 2, CHUNK, 1, DIM), "kv", "tiny", CHUNK,
                                   bytes(LAYERS * 2 * CHUNK * DIM * 2)))])
     assert chunks.lookup(tokens) == 8
-    assert chunks.load(tokens, _cache("NHD", fill=False), _slots(8, 3), 1) == 0
+    assert chunks.load(tokens, _cache("NHD", fill=False), split_slots(_slots(8, 3), CHUNK)) == 0
+
+
+def test_partial_tail_is_found_only_by_the_same_tokens(store: TieredStore) -> None:
+    src, dst = _cache("NHD"), _cache("NHD", fill=False)
+    tokens = list(range(500, 521))  # 2 full chunks and 5 tokens
+    chunks = ChunkStore(store, _namespace(src), make_copier("cpu"))
+    assert chunks.save(tokens, src, split_slots(_slots(21, 1), CHUNK), wait=True) == 3
+    assert chunks.lookup(tokens) == 21
+    assert chunks.lookup(tokens[:20]) == 16 and chunks.lookup(tokens + [7]) == 16
+    assert chunks.lookup(tokens, include_partial=False) == 16
+    dst_slots = _slots(21, 2)
+    assert chunks.load(tokens, dst, split_slots(dst_slots, CHUNK)) == 3
+    assert torch.equal(_kv_at(dst, dst_slots).view(torch.int16), _kv_at(src, _slots(21, 1)).view(torch.int16))
+
+
+def test_load_skips_the_units_the_engine_already_holds(store: TieredStore) -> None:
+    src = _cache("NHD")
+    tokens = list(range(16))
+    chunks = ChunkStore(store, _namespace(src), make_copier("cpu"))
+    chunks.save(tokens, src, split_slots(_slots(16, 1), CHUNK), wait=True)
+    dst, dst_slots = _cache("NHD", fill=False), _slots(16, 2)
+    assert chunks.load(tokens, dst, split_slots(dst_slots, CHUNK), skip_units=3) == 2
+    assert not _kv_at(dst, dst_slots[:3]).any()
+    assert torch.equal(_kv_at(dst, dst_slots[3:]).view(torch.int16), _kv_at(src, _slots(16, 1)[3:]).view(torch.int16))
+
+
+def test_request_salts_separate_caches(store: TieredStore) -> None:
+    paged = _cache("NHD")
+    chunks = ChunkStore(store, _namespace(paged), make_copier("cpu"))
+    chunks.save(list(range(8)), paged, split_slots(_slots(8, 1), CHUNK), salt="alice", wait=True)
+    assert chunks.lookup(list(range(8)), salt="alice") == 8
+    assert chunks.lookup(list(range(8)), salt="bob") == 0 and chunks.lookup(list(range(8))) == 0

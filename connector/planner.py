@@ -1,0 +1,142 @@
+"""Which chunks each request loads and saves, step by step: the scheduler's bookkeeping.
+
+Engine-agnostic: an adapter feeds in what its scheduler decided (tokens, blocks, how many tokens
+are computed) and gets plain :class:`TransferSpec` records to ship to the workers. Rules:
+
+- A request may take from kvtier every prompt token it holds beyond the engine's own prefix hit,
+  but never the last prompt token (the engine must compute at least one to sample from).
+- A stored partial tail chunk counts only for a request with exactly those tokens, so a repeated
+  prompt (or a decode instance) loads all but one token.
+- Every chunk the store does not hold yet is saved once its tokens are computed; the partial tail
+  once the whole prompt is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TransferSpec:
+    """Chunks ``first_chunk .. first_chunk + num_chunks - 1`` of one request (plain data).
+
+    ``token_ids`` runs from the first token to the end of the last chunk of the range (its length
+    says whether that chunk is partial); ``block_ids`` are the request's blocks in token order;
+    ``skip_tokens`` (loads) are leading tokens of the first chunk the engine already holds.
+    """
+
+    req_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+    salt: str
+    first_chunk: int
+    num_chunks: int
+    skip_tokens: int = 0
+
+
+@dataclass
+class StepPlan:
+    """What the workers do for kvtier in one engine step."""
+
+    loads: list[TransferSpec] = field(default_factory=list)
+    saves: list[TransferSpec] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    tokens: list[int]
+    salt: str
+    block_ids: list[int] = field(default_factory=list)
+    saved_chunks: int = 0  # leading chunks the store holds or that were sent for saving
+    load_tokens: int = 0  # external tokens granted at allocation, to load in the next step
+
+
+class RequestPlanner:
+    """Tracks requests between scheduler calls; ``lookup(tokens, salt)`` = leading tokens held."""
+
+    def __init__(self, chunk_size: int, lookup: Callable[[Sequence[int], str], int], save: bool = True,
+                 load: bool = True) -> None:
+        self.chunk_size = chunk_size
+        self._lookup = lookup
+        self._save = save
+        self._load = load
+        self._requests: dict[str, _Request] = {}
+        self._held: dict[str, int] = {}  # req_id -> tokens held at the last lookup
+
+    def chunks_of(self, num_tokens: int) -> int:
+        """Chunks covering ``num_tokens`` tokens, the partial tail included."""
+        return -(-num_tokens // self.chunk_size)
+
+    def matched_tokens(self, req_id: str, tokens: Sequence[int], salt: str, num_computed: int) -> int:
+        """Tokens to load beyond the ``num_computed`` the engine holds (no side effects but a cache)."""
+        if not self._load or len(tokens) < 2:
+            return 0
+        held = self._lookup(tokens, salt)
+        self._held[req_id] = held
+        return max(0, min(held, len(tokens) - 1) - num_computed)
+
+    def allocated(self, req_id: str, tokens: Sequence[int], salt: str, num_external: int) -> None:
+        """The engine allocated blocks for a request; ``num_external`` tokens come from kvtier."""
+        held = self._held.pop(req_id, 0)
+        req = self._requests.get(req_id)
+        if req is None:
+            req = self._requests[req_id] = _Request(list(tokens), salt)
+        stored = held // self.chunk_size + (1 if held == len(tokens) and held % self.chunk_size else 0)
+        req.saved_chunks = max(req.saved_chunks, stored)
+        req.load_tokens = num_external
+
+    def scheduled(self, req_id: str, block_ids: Sequence[int], replace_blocks: bool, num_computed: int,
+                  num_scheduled: int, plan: StepPlan) -> None:
+        """A step runs ``num_scheduled`` tokens of a request after ``num_computed``: add its transfers.
+
+        ``num_computed`` counts the external tokens granted for this step (as engines report it).
+        """
+        req = self._requests.get(req_id)
+        if req is None:
+            return
+        req.block_ids = list(block_ids) if replace_blocks else req.block_ids + list(block_ids)
+        if req.load_tokens:
+            self._plan_load(req_id, req, num_computed, plan)
+        if self._save:
+            self._plan_save(req_id, req, num_computed + num_scheduled, plan)
+
+    def finished(self, req_id: str) -> None:
+        self._requests.pop(req_id, None)
+        self._held.pop(req_id, None)
+
+    def _plan_load(self, req_id: str, req: _Request, num_computed: int, plan: StepPlan) -> None:
+        end = num_computed  # the engine counts granted tokens as computed
+        start = end - req.load_tokens
+        req.load_tokens = 0
+        first, last = start // self.chunk_size, (end - 1) // self.chunk_size
+        tokens = req.tokens[: min(len(req.tokens), (last + 1) * self.chunk_size)]
+        plan.loads.append(TransferSpec(req_id, tokens, list(req.block_ids), req.salt, first, last - first + 1,
+                                       skip_tokens=start - first * self.chunk_size))
+
+    def _plan_save(self, req_id: str, req: _Request, computed: int, plan: StepPlan) -> None:
+        prompt = len(req.tokens)
+        done = min(computed, prompt)
+        ready = self.chunks_of(done) if done == prompt else done // self.chunk_size
+        if ready > req.saved_chunks:
+            end = min(prompt, ready * self.chunk_size)
+            plan.saves.append(TransferSpec(req_id, req.tokens[:end], list(req.block_ids), req.salt,
+                                           req.saved_chunks, ready - req.saved_chunks))
+            req.saved_chunks = ready
+
+
+def chunk_slots(spec: TransferSpec, chunk_size: int, block_size: int, per_block: bool) -> list[torch.Tensor]:
+    """Slots of each chunk of ``spec``: token slots (``block * block_size + offset``), or block ids
+    for layouts stored as whole opaque blocks (``per_block``; a partial block is stored whole)."""
+    blocks = torch.tensor(spec.block_ids, dtype=torch.int64)
+    out = []
+    for index in range(spec.first_chunk, spec.first_chunk + spec.num_chunks):
+        start, end = index * chunk_size, min((index + 1) * chunk_size, len(spec.token_ids))
+        if per_block:
+            out.append(blocks[start // block_size : -(-end // block_size)])
+        else:
+            positions = torch.arange(start, end)
+            out.append(blocks[positions // block_size] * block_size + positions % block_size)
+    return out

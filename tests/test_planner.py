@@ -1,0 +1,90 @@
+"""The scheduler's bookkeeping, without an engine: what each step loads and saves."""
+
+from __future__ import annotations
+
+import torch
+
+from kvtier.connector.planner import RequestPlanner, StepPlan, TransferSpec, chunk_slots
+
+CHUNK = 8
+
+
+def _planner(held: dict[tuple, int], **kw) -> RequestPlanner:
+    return RequestPlanner(CHUNK, lambda tokens, salt: held.get((len(tokens), salt), 0), **kw)
+
+
+def test_all_but_the_last_token_is_taken_and_loaded_in_one_step() -> None:
+    planner = _planner({(20, ""): 20})  # two full chunks and a 4-token tail are stored
+    tokens = list(range(20))
+    assert planner.matched_tokens("r", tokens, "", 0) == 19
+    planner.allocated("r", tokens, "", 19)
+    plan = StepPlan()
+    planner.scheduled("r", [5, 6, 7, 8, 9], True, 19, 1, plan)
+    assert plan.loads == [TransferSpec("r", tokens, [5, 6, 7, 8, 9], "", 0, 3, 0)]
+    assert plan.saves == []  # everything is stored already
+
+
+def test_engine_prefix_hit_is_skipped_and_never_counted_twice() -> None:
+    planner = _planner({(24, ""): 16})
+    tokens = list(range(24))
+    assert planner.matched_tokens("r", tokens, "", 4) == 12  # the engine holds 4 tokens itself
+    assert planner.matched_tokens("r", tokens, "", 16) == 0
+    planner.allocated("r", tokens, "", 12)
+    plan = StepPlan()
+    planner.scheduled("r", list(range(6)), True, 16, 8, plan)
+    load = plan.loads[0]
+    assert (load.first_chunk, load.num_chunks, load.skip_tokens) == (0, 2, 4)
+    assert [(s.first_chunk, s.num_chunks, len(s.token_ids)) for s in plan.saves] == [(2, 1, 24)]
+
+
+def test_saves_follow_chunked_prefill_and_end_with_the_tail() -> None:
+    planner = _planner({})
+    tokens = list(range(21))
+    assert planner.matched_tokens("r", tokens, "", 0) == 0
+    planner.allocated("r", tokens, "", 0)
+    steps = [(0, 10), (10, 10), (20, 1), (21, 1)]  # chunked prefill of 10, then the tail, then decode
+    saved = []
+    for computed, scheduled in steps:
+        plan = StepPlan()
+        planner.scheduled("r", [computed // 4], computed == 0, computed, scheduled, plan)
+        saved.append([(s.first_chunk, s.num_chunks, len(s.token_ids)) for s in plan.saves])
+    assert saved == [[(0, 1, 8)], [(1, 1, 16)], [(2, 1, 21)], []]
+
+
+def test_roles_and_short_prompts() -> None:
+    consumer = _planner({(16, ""): 16}, save=False)
+    producer = _planner({(16, ""): 16}, load=False)
+    tokens = list(range(16))
+    assert producer.matched_tokens("r", tokens, "", 0) == 0
+    assert consumer.matched_tokens("r", tokens, "", 0) == 15
+    consumer.allocated("r", tokens, "", 0)
+    plan = StepPlan()
+    consumer.scheduled("r", [1, 2, 3, 4], True, 0, 16, plan)
+    assert plan.saves == [] and plan.loads == []
+    assert consumer.matched_tokens("r", [1], "", 0) == 0
+
+
+def test_salt_reaches_the_lookup_and_the_specs() -> None:
+    planner = _planner({(16, "lora=a"): 16})
+    assert planner.matched_tokens("r", list(range(16)), "", 0) == 0
+    assert planner.matched_tokens("r", list(range(16)), "lora=a", 0) == 15
+
+
+def test_unknown_and_finished_requests_are_ignored() -> None:
+    planner = _planner({})
+    plan = StepPlan()
+    planner.scheduled("ghost", [1], True, 0, 4, plan)
+    planner.allocated("r", list(range(8)), "", 0)
+    planner.finished("r")
+    planner.scheduled("r", [1, 2], True, 0, 8, plan)
+    assert plan.loads == plan.saves == []
+
+
+def test_chunk_slots_for_token_and_block_layouts() -> None:
+    spec = TransferSpec("r", list(range(21)), [7, 3, 9, 4, 2, 8], "", 1, 2)
+    tokens = chunk_slots(spec, CHUNK, 4, per_block=False)
+    assert tokens[0].tolist() == [9 * 4 + i for i in range(4)] + [4 * 4 + i for i in range(4)]
+    assert tokens[1].tolist() == [2 * 4 + i for i in range(4)] + [8 * 4]  # 5 tokens of the tail
+    blocks = chunk_slots(spec, CHUNK, 4, per_block=True)
+    assert [b.tolist() for b in blocks] == [[9, 4], [2, 8]]  # the tail's partial block is stored whole
+    assert all(t.dtype == torch.int64 for t in tokens + blocks)
