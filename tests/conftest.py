@@ -17,6 +17,14 @@ from redis_server import REDIS_SERVER, RedisServer  # noqa: E402
 def redis_server() -> Iterator[RedisServer]:
     """A fresh redis-server on a free loopback port, killed at teardown."""
     if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed")
+        pytest.fail("redis-server is not installed (./dev installs it: apt-get install redis-server)")
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random float32 Llama (2 layers, 2 KV heads x 32) with a word-level tokenizer, built locally."""
+    from kvtier.tiny_model import TinyLlamaSpec, make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), TinyLlamaSpec())

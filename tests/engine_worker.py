@@ -1,0 +1,30 @@
+"""Runs one real vLLM engine in this process for a test, then prints its results as JSON.
+
+Input (stdin, JSON): model, kv (kv_transfer_config or null), steps (lists of prompts, run one
+``generate`` call after another), max_tokens, prefix_caching, cache_salt, multiprocess. Output:
+one line ``RESULT <json>``: per step, per prompt, [generated token ids, num_cached_tokens].
+"""
+
+import json
+import os
+import sys
+
+if __name__ == "__main__":
+    job = json.load(sys.stdin)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if job.get("multiprocess") else "0"
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # same cores with or without a connector
+
+    from vllm import LLM, SamplingParams
+
+    kwargs = {"kv_transfer_config": job["kv"]} if job.get("kv") else {}
+    llm = LLM(model=job["model"], max_model_len=4096, enforce_eager=True, dtype="float32",
+              kv_cache_memory_bytes=128 << 20, enable_prefix_caching=job.get("prefix_caching", False),
+              seed=0, **kwargs)
+    params = SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0)
+    results = []
+    for step in job["steps"]:
+        prompts = [{"prompt": p, **({"cache_salt": job["cache_salt"]} if job.get("cache_salt") else {})} for p in step]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results.append([[list(o.outputs[0].token_ids), o.num_cached_tokens] for o in outs])
+    print("RESULT " + json.dumps(results), flush=True)
