@@ -60,4 +60,11 @@ class StoreRegistry:
             entry.metrics_server.shutdown()
 
 
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per-tier counters of every open store (tiers of different configs merged by name)."""
+        with self._lock:
+            entries = list(self._entries.values())
+        return {name: stats for entry in entries for name, stats in entry.store.stats().items()}
+
+
 STORES = StoreRegistry()

@@ -1,8 +1,10 @@
 """Runs one real vLLM engine in this process for a test, then prints its results as JSON.
 
-Input (stdin, JSON): model, kv (kv_transfer_config or null), steps (lists of prompts, run one
-``generate`` call after another), max_tokens, prefix_caching, cache_salt, multiprocess. Output:
-one line ``RESULT <json>``: per step, per prompt, [generated token ids, num_cached_tokens].
+Input: a JSON job file (argv[1]): model, kv (kv_transfer_config or null), steps (lists of prompts,
+one ``generate`` call after another), max_tokens, prefix_caching, cache_salt, multiprocess,
+pause (print ``PAUSED <i>`` after step i and wait for a line on stdin before going on).
+Output: ``RESULT <json>`` (per step, per prompt: [generated token ids, num_cached_tokens]) and,
+in-process only, ``STATS <json>`` (kvtier's per-tier counters).
 """
 
 import json
@@ -10,7 +12,8 @@ import os
 import sys
 
 if __name__ == "__main__":
-    job = json.load(sys.stdin)
+    with open(sys.argv[1]) as f:
+        job = json.load(f)
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if job.get("multiprocess") else "0"
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # same cores with or without a connector
@@ -23,8 +26,15 @@ if __name__ == "__main__":
               seed=0, **kwargs)
     params = SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0)
     results = []
-    for step in job["steps"]:
+    for i, step in enumerate(job["steps"]):
+        if i in job.get("pause", []):
+            print(f"PAUSED {i}", flush=True)
+            sys.stdin.readline()
         prompts = [{"prompt": p, **({"cache_salt": job["cache_salt"]} if job.get("cache_salt") else {})} for p in step]
         outs = llm.generate(prompts, params, use_tqdm=False)
         results.append([[list(o.outputs[0].token_ids), o.num_cached_tokens] for o in outs])
     print("RESULT " + json.dumps(results), flush=True)
+    if job.get("kv") and not job.get("multiprocess"):
+        from kvtier.connector.store_registry import STORES
+
+        print("STATS " + json.dumps(STORES.stats()), flush=True)

@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,20 @@ class Output:
     cached: int  # prompt tokens the engine did not compute (its prefix cache + kvtier)
 
 
+@dataclass
+class EngineRun:
+    """Outputs per step (indexable like the list of steps) and kvtier's counters per tier."""
+
+    steps: list[list[Output]]
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)  # in-process runs only
+
+    def __getitem__(self, step: int) -> list[Output]:
+        return self.steps[step]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
 def kvtier_transfer_config(config_file: str | Path, role: str = "kv_both", **overrides: Any) -> dict[str, Any]:
     return {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.connector.vllm",
             "kv_role": role, "kv_connector_extra_config": {"config": str(config_file), **overrides}}
@@ -26,13 +42,36 @@ def kvtier_transfer_config(config_file: str | Path, role: str = "kv_both", **ove
 
 def run_engine(model: str | Path, steps: list[list[str]], kv: dict[str, Any] | None = None, *,
                max_tokens: int = 8, prefix_caching: bool = False, cache_salt: str | None = None,
-               multiprocess: bool = False, timeout: float = 300) -> list[list[Output]]:
-    """Start an engine in a new process, run each step's prompts through ``generate``, stop it."""
-    job = {"model": str(model), "kv": kv, "steps": steps, "max_tokens": max_tokens,
-           "prefix_caching": prefix_caching, "cache_salt": cache_salt, "multiprocess": multiprocess}
-    done = subprocess.run([sys.executable, str(WORKER)], input=json.dumps(job), capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise AssertionError(f"engine failed (rc={done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
-    return [[Output(*pair) for pair in step] for step in json.loads(lines[-1][len("RESULT "):])]
+               multiprocess: bool = False, between_steps: Callable[[int], None] | None = None,
+               timeout: float = 300) -> EngineRun:
+    """Start an engine in a new process, run each step's prompts through ``generate``, stop it.
+
+    ``between_steps(i)`` runs in the test before step ``i`` (i >= 1) while the engine waits.
+    """
+    job = {"model": str(model), "kv": kv, "steps": steps, "max_tokens": max_tokens, "prefix_caching": prefix_caching,
+           "cache_salt": cache_salt, "multiprocess": multiprocess,
+           "pause": list(range(1, len(steps))) if between_steps else []}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    proc = subprocess.Popen([sys.executable, str(WORKER), f.name], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("PAUSED ") and between_steps:
+                between_steps(int(line.split()[1]))
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+        stderr = proc.stderr.read()
+        proc.wait(timeout)
+    finally:
+        proc.kill()
+        os.unlink(f.name)
+    out = "".join(lines)
+    results = [line for line in lines if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not results:
+        raise AssertionError(f"engine failed (rc={proc.returncode}):\n{out[-3000:]}\n{stderr[-6000:]}")
+    stats = [json.loads(line[len("STATS "):]) for line in lines if line.startswith("STATS ")]
+    steps_out = [[Output(*pair) for pair in step] for step in json.loads(results[-1][len("RESULT "):])]
+    return EngineRun(steps_out, stats[-1] if stats else {})

