@@ -65,9 +65,13 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
 
 
 def _demo(args: argparse.Namespace, console: Console) -> int:
-    from .demo import run_demo
+    if args.tiers_only:
+        from .demo import run_demo
 
-    return run_demo(console, config_path=args.config)
+        return run_demo(console, config_path=args.config)
+    from .vllm_demo import run_engine_demo
+
+    return run_engine_demo(console, config_path=args.config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--prefix", default="kvtier:", help="Redis key prefix (default kvtier:)")
     inspect.add_argument("--config", help="inspect the disk and redis tiers of this config (default: $KVTIER_CONFIG or built-in)")
     inspect.set_defaults(func=_inspect)
-    demo = sub.add_parser("demo", help="store a KV cache in the tiers and load it back")
+    demo = sub.add_parser("demo", help="a vLLM engine on CPU: the cache hit and the TTFT it saves")
     demo.add_argument("--config", help="YAML config (default: $KVTIER_CONFIG or the built-in cpu + disk tiers)")
+    demo.add_argument("--tiers-only", action="store_true", help="no engine: store a synthetic KV cache and load it back")
     demo.set_defaults(func=_demo)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda args, console: console.print(f"kvtier {__version__}") or 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,10 +49,21 @@ def test_inspect_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "absent" in err and "secret" not in err
 
 
-def test_demo_stores_and_loads_back_byte_exact(tmp_path: Path) -> None:
+def test_tier_demo_stores_and_loads_back_byte_exact(tmp_path: Path) -> None:
     env = {"KVTIER_DISK__PATH": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "demo"], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "demo", "--tiers-only"], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("yes") == 2 and "4096" in done.stdout
     assert any((tmp_path / "cache").rglob("*.kvc"))
+
+
+def test_engine_demo_shows_hits_from_memory_and_disk(tmp_path: Path) -> None:
+    """The README's first command: real vLLM engines with the built-in tiers."""
+    env = {**os.environ, "HOME": str(tmp_path), "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-m", "kvtier.cli", "demo"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("2047 / 2048") == 2 and "DIFFERENT" not in done.stdout
+    assert "skipped 2047 of 2048 prompt tokens" in done.stdout
+    assert any((tmp_path / ".cache" / "kvtier").rglob("*.kvc"))  # the built-in disk tier
