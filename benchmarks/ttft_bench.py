@@ -39,12 +39,31 @@ BASELINES = (("local", "local prefix", 1.5), ("cold", "cold", 0.1), ("example", 
 
 @dataclass(frozen=True)
 class Timed:
-    """One timed ``generate``: TTFT, prompt tokens the engine did not compute, first token id."""
+    """One timed ``generate``: TTFT, prompt tokens the engine did not compute, first token id, and
+    the cores that other processes kept busy meanwhile (a shared machine's noise)."""
 
     ttft: float
     cached: int
     token: int
     prompt_tokens: int
+    foreign_cores: float
+
+
+def cpu_busy_s() -> float:
+    """CPU seconds all processes of the machine have spent busy (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(max_wait_s: float = 300, busy_cores: float = 0.3) -> None:
+    """Wait (up to ``max_wait_s``) until other processes use less than ``busy_cores`` for 2 s."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        before = cpu_busy_s()
+        time.sleep(2)
+        if (cpu_busy_s() - before) / 2 < busy_cores or time.monotonic() > deadline:
+            return
 
 
 # -- child: one engine --------------------------------------------------------------------------
@@ -62,17 +81,20 @@ def child(job: dict[str, Any]) -> None:
     for prompt in job["prompts"]:
         runs = []
         for _ in range(job["repeats"]):
-            start = time.perf_counter()
+            busy, own, start = cpu_busy_s(), sum(os.times()[:2]), time.perf_counter()
             out = llm.generate([prompt], params, use_tqdm=False)[0]
-            runs.append([time.perf_counter() - start, out.num_cached_tokens or 0, out.outputs[0].token_ids[0],
-                         len(out.prompt_token_ids)])
+            wall = time.perf_counter() - start
+            foreign = max(0.0, (cpu_busy_s() - busy) - (sum(os.times()[:2]) - own)) / wall
+            runs.append([wall, out.num_cached_tokens or 0, out.outputs[0].token_ids[0], len(out.prompt_token_ids),
+                         foreign])
         results.append(runs)
     llm.llm_engine.engine_core.shutdown()  # connectors flush their pending writes before the next process
     print("RESULT " + json.dumps(results), flush=True)
 
 
 def run_child(job: dict[str, Any], timeout: float = 900) -> list[list[Timed]]:
-    """Run one engine process; per prompt, its timed runs."""
+    """Run one engine process (once the machine is quiet); per prompt, its timed runs."""
+    wait_for_quiet()
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **CHILD_ENV})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -149,6 +171,12 @@ def check(results: dict[str, list[Timed]], token_counts: list[int]) -> list[str]
     return fails
 
 
+def noise(results: dict[str, list[Timed]], token_counts: list[int], limit: float = 0.3) -> list[str]:
+    """WARN lines for timed runs during which other processes kept more than ``limit`` cores busy."""
+    return [f"WARN: {n} tokens, {LABELS[name]}: other processes used {r.foreign_cores:.2f} cores meanwhile"
+            for name, runs in results.items() for n, r in zip(token_counts, runs) if r.foreign_cores > limit]
+
+
 def to_markdown(results: dict[str, list[Timed]], token_counts: list[int]) -> str:
     head = "| configuration | " + " | ".join(f"{n} tok: TTFT s | cached" for n in token_counts) + " |"
     lines = [head, "|---|" + "---|---|" * len(token_counts)]
@@ -214,6 +242,7 @@ def main() -> None:
         results = measure(model, args.tokens, Path(tmp), url)
     print(to_markdown(results, args.tokens))
     fails = check(results, args.tokens)
+    print("\n".join(noise(results, args.tokens)) or "noise: no other process used > 0.3 cores during a timed run")
     print("\n".join(fails) if fails else "checks: every warm run has the cold run's first token; kvtier runs hit")
     sys.exit(1 if fails else 0)
 

@@ -129,6 +129,7 @@ def test_redis_stopped_mid_run_every_request_still_succeeds(tiny_model: Path, tm
 
 def test_another_cache_salt_gets_no_hit(tiny_model: Path, tmp_path: Path, plain) -> None:
     kv = kvtier_transfer_config(_disk(tmp_path))
+    del kv["kv_connector_module_path"]  # the bare name, registered by kvtier's vllm.general_plugins entry point
     run_engine(tiny_model, [PROMPTS], kv, cache_salt="tenant-a")
     other = run_engine(tiny_model, [PROMPTS], kv, cache_salt="tenant-b")
     assert [o.cached for o in other[0]] == [0, 0]
