@@ -33,6 +33,7 @@ MODEL_SPEC = {"layers": 8, "hidden": 1024, "heads": 16, "kv_heads": 4, "intermed
               "max_positions": 8192}
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
              "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+NOISY = 0.3  # cores used by other processes during a timed run that make it suspect
 WARM_TIERS = ("cpu", "disk", "redis")
 BASELINES = (("local", "local prefix", 1.5), ("cold", "cold", 0.1), ("example", "ExampleConnector warm", 0.5))
 
@@ -92,15 +93,30 @@ def child(job: dict[str, Any]) -> None:
     print("RESULT " + json.dumps(results), flush=True)
 
 
-def run_child(job: dict[str, Any], timeout: float = 900) -> list[list[Timed]]:
-    """Run one engine process (once the machine is quiet); per prompt, its timed runs."""
-    wait_for_quiet()
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **CHILD_ENV})
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"FAIL: engine {job['name']} exited with {done.returncode}:\n{done.stderr[-4000:]}")
-    return [[Timed(*run) for run in runs] for runs in json.loads(lines[-1].removeprefix("RESULT "))]
+def run_child(job: dict[str, Any], retries: int, timeout: float = 900) -> list[list[Timed]]:
+    """Run one engine process (once the machine is quiet); per prompt, its timed runs. A run that
+    other processes disturbed (> ``NOISY`` cores) is redone in a fresh process up to ``retries``
+    times, keeping the least disturbed attempt; store jobs get no retries (a rerun would hit)."""
+    best: list[list[Timed]] | None = None
+    for attempt in range(retries + 1):
+        wait_for_quiet()
+        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True,
+                              text=True, timeout=timeout, env={**os.environ, **CHILD_ENV})
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            raise SystemExit(f"FAIL: engine {job['name']} exited with {done.returncode}:\n{done.stderr[-4000:]}")
+        runs = [[Timed(*run) for run in prompt] for prompt in json.loads(lines[-1].removeprefix("RESULT "))]
+        if best is None or _disturbance(runs) < _disturbance(best):
+            best = runs
+        if _disturbance(best) <= NOISY:
+            break
+        if attempt < retries:
+            print(f"  {job['name']}: other processes used {_disturbance(runs):.2f} cores; again", file=sys.stderr)
+    return best
+
+
+def _disturbance(runs: list[list[Timed]]) -> float:
+    return max(r.foreign_cores for prompt in runs for r in prompt)
 
 
 # -- parent: configurations -----------------------------------------------------------------------
@@ -129,9 +145,9 @@ def measure(model: Path, token_counts: list[int], folder: Path, redis_url: str) 
             "warmup": prompt_text(24, seed=1, vocab=MODEL_SPEC["vocab"]),
             "prompts": [prompt_text(n, seed=1000 + n, vocab=MODEL_SPEC["vocab"]) for n in token_counts]}
 
-    def job(name: str, repeats: int = 1, **overrides: Any) -> list[list[Timed]]:
+    def job(name: str, repeats: int = 1, retries: int = 2, **overrides: Any) -> list[list[Timed]]:
         print(f"  running {name} ...", file=sys.stderr, flush=True)
-        return run_child({**base, "name": name, "repeats": repeats, **overrides})
+        return run_child({**base, "name": name, "repeats": repeats, **overrides}, retries)
 
     out: dict[str, list[Timed]] = {"cold": [r[0] for r in job("cold")]}
     out["local"] = [r[1] for r in job("local prefix", repeats=2, prefix_caching=True)]
@@ -139,7 +155,7 @@ def measure(model: Path, token_counts: list[int], folder: Path, redis_url: str) 
     out["cpu store"], out["cpu"] = [r[0] for r in cpu], [r[1] for r in cpu]
     for name, kv in (("disk", kvtier_config(folder, "disk", redis_url)),
                      ("redis", kvtier_config(folder, "redis", redis_url)), ("example", example_config(folder))):
-        out[f"{name} store"] = [r[0] for r in job(f"{name} store", kv=kv)]
+        out[f"{name} store"] = [r[0] for r in job(f"{name} store", retries=0, kv=kv)]
         out[name] = [r[0] for r in job(f"{name} load (fresh process)", kv=kv)]
     return out
 
@@ -171,10 +187,10 @@ def check(results: dict[str, list[Timed]], token_counts: list[int]) -> list[str]
     return fails
 
 
-def noise(results: dict[str, list[Timed]], token_counts: list[int], limit: float = 0.3) -> list[str]:
-    """WARN lines for timed runs during which other processes kept more than ``limit`` cores busy."""
+def noise(results: dict[str, list[Timed]], token_counts: list[int]) -> list[str]:
+    """WARN lines for timed runs during which other processes kept more than ``NOISY`` cores busy."""
     return [f"WARN: {n} tokens, {LABELS[name]}: other processes used {r.foreign_cores:.2f} cores meanwhile"
-            for name, runs in results.items() for n, r in zip(token_counts, runs) if r.foreign_cores > limit]
+            for name, runs in results.items() for n, r in zip(token_counts, runs) if r.foreign_cores > NOISY]
 
 
 def to_markdown(results: dict[str, list[Timed]], token_counts: list[int]) -> str:
@@ -198,7 +214,8 @@ def to_markdown(results: dict[str, list[Timed]], token_counts: list[int]) -> str
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -242,7 +259,7 @@ def main() -> None:
         results = measure(model, args.tokens, Path(tmp), url)
     print(to_markdown(results, args.tokens))
     fails = check(results, args.tokens)
-    print("\n".join(noise(results, args.tokens)) or "noise: no other process used > 0.3 cores during a timed run")
+    print("\n".join(noise(results, args.tokens)) or f"noise: no other process used > {NOISY} cores during a timed run")
     print("\n".join(fails) if fails else "checks: every warm run has the cold run's first token; kvtier runs hit")
     sys.exit(1 if fails else 0)
 

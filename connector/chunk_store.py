@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future
 
@@ -116,17 +117,10 @@ class ChunkStore:
             if chunk is None or not self._matches(key, chunk, *expected, paged):
                 break
             usable += 1
-        for start, group in _same_length_runs(chunk_slots[:usable]):
-            staging = torch.empty((len(group), *paged.chunk_shape(len(group[0]))), dtype=paged.dtype)
-            flat = staging.view(torch.uint8).view(len(group), -1).numpy()
-            for j in range(len(group)):
-                flat[j] = np.frombuffer(found[start + j].payload, dtype=np.uint8)
-            slots = torch.stack(list(group))
-            if start == 0 and skip_units:
-                self.copier.scatter(staging[:1, :, :, skip_units:], paged, slots[:1, skip_units:])
-                staging, slots = staging[1:], slots[1:]
-            if len(slots):
-                self.copier.scatter(staging, paged, slots)
+        for j in range(usable):  # straight from the tier's buffer (a zero-copy view for the cpu tier)
+            skip = skip_units if j == 0 else 0
+            chunk = _payload_tensor(found[j], paged.dtype)
+            self.copier.scatter(chunk[None, :, :, skip:], paged, chunk_slots[j][None, skip:])
         return usable
 
     def _range_keys(self, tokens: Tokens, salt: str, first: int, count: int) -> list[str]:
@@ -166,6 +160,14 @@ def _same_length_runs(chunk_slots: Sequence[torch.Tensor]) -> list[tuple[int, li
         else:
             runs.append((i, [slots]))
     return runs
+
+
+def _payload_tensor(chunk: Chunk, dtype: torch.dtype) -> torch.Tensor:
+    """The chunk's payload as a tensor of its shape, sharing the (read-only) bytes: it is only read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        flat = torch.frombuffer(chunk.payload, dtype=torch.uint8)
+    return flat.view(dtype).view(chunk.header.shape)
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:

@@ -1,4 +1,5 @@
-"""The stored form of a chunk: magic, header length, header checksum, msgpack header, raw bytes.
+"""The stored form of a chunk: magic, header length, header checksum, msgpack header, zero padding
+to a 64-byte boundary, raw bytes (aligned, so copy kernels and vectorised copies read whole words).
 
 Decoding trusts nothing: every field is type- and range-checked and every size is bounded before
 anything is allocated, so a corrupt, truncated or hostile blob becomes a :class:`ChunkCorrupt`
@@ -22,6 +23,7 @@ PREFIX_BYTES = _PREFIX.size
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 4 * 1024**3
 MAX_DIMS = 8
+PAYLOAD_ALIGN = 64
 
 # dtype name -> item size. fp8 and bf16 are moved as bytes; the name only has to round-trip.
 DTYPE_SIZES: dict[str, int] = {
@@ -96,7 +98,13 @@ def encode_header(
         },
         use_bin_type=True,
     )
-    return _PREFIX.pack(MAGIC, len(header), xxhash.xxh3_64_intdigest(header)) + header
+    prefix = _PREFIX.pack(MAGIC, len(header), xxhash.xxh3_64_intdigest(header))
+    return prefix + header + bytes(payload_offset(len(header)) - PREFIX_BYTES - len(header))
+
+
+def payload_offset(header_len: int) -> int:
+    """Where the payload starts: after prefix and header, rounded up to ``PAYLOAD_ALIGN``."""
+    return -(-(PREFIX_BYTES + header_len) // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
 
 
 def encode_chunk(
@@ -165,7 +173,7 @@ def decode_header(blob: memoryview | bytes) -> tuple[ChunkHeader, int]:
         key=_field(raw, "key", str), dtype=dtype, shape=shape, layout=_field(raw, "layout", str),
         model=_field(raw, "model", str), num_tokens=num_tokens, checksum=checksum, version=version,
     )
-    return header, PREFIX_BYTES + header_len
+    return header, payload_offset(header_len)
 
 
 def decode_chunk(blob: memoryview | bytes, expected_key: str, verify_checksum: bool = True) -> Chunk:
@@ -179,6 +187,9 @@ def decode_chunk(blob: memoryview | bytes, expected_key: str, verify_checksum: b
     view = memoryview(blob).cast("B")
     if view.nbytes - offset != header.nbytes:
         raise ChunkCorrupt(f"payload is {view.nbytes - offset} bytes, header says {header.nbytes}")
+    header_end = PREFIX_BYTES + _PREFIX.unpack_from(view, 0)[1]
+    if any(view[header_end:offset]):
+        raise ChunkCorrupt("padding after the header is not zero")
     payload = view[offset:]
     if verify_checksum and payload_checksum(payload) != header.checksum:
         raise ChunkCorrupt("payload checksum mismatch")
