@@ -71,12 +71,15 @@ class RequestPlanner:
         return -(-num_tokens // self.chunk_size)
 
     def matched_tokens(self, req_id: str, tokens: Sequence[int], salt: str, num_computed: int) -> int:
-        """Tokens to load beyond the ``num_computed`` the engine holds (no side effects but a cache)."""
-        if not self._load or len(tokens) < 2:
+        """Tokens to load beyond the ``num_computed`` the engine holds (no side effects but a cache).
+
+        A save-only role looks up too, so it does not rewrite chunks the store already holds.
+        """
+        if len(tokens) < 2 or not (self._load or self._save):
             return 0
         held = self._lookup(tokens, salt)
         self._held[req_id] = held
-        return max(0, min(held, len(tokens) - 1) - num_computed)
+        return max(0, min(held, len(tokens) - 1) - num_computed) if self._load else 0
 
     def allocated(self, req_id: str, tokens: Sequence[int], salt: str, num_external: int) -> None:
         """The engine allocated blocks for a request; ``num_external`` tokens come from kvtier."""

@@ -9,7 +9,8 @@ installed, its ``vllm.general_plugins`` entry point registers the bare name ``KV
 This file only translates vLLM's objects: planning is :class:`RequestPlanner`, moving bytes is
 :class:`ChunkStore` and the copy layer. Loads are synchronous, before the forward pass; saves are
 gathered right after it (so blocks are never freed under a pending save) and written to the
-tiers by background threads. Anything that goes wrong becomes a miss or a recompute: kvtier sets
+tiers by background threads; a ``kv_producer`` (the prefill side of a disaggregated deployment)
+waits until they have reached every tier, so the decoder finds them. Anything that goes wrong becomes a miss or a recompute: kvtier sets
 ``kv_load_failure_policy`` to ``"recompute"``, because a cache must never fail a request.
 """
 
@@ -115,6 +116,9 @@ class KVTierConnector(KVConnectorBase_V1):
             raise ValueError(f"kvtier chunk_size {self._config.chunk_size} must be a multiple of vLLM's block size "
                              f"{self._shape.block_size}")
         self._store, _ = STORES.acquire(self._config)
+        # A prefill instance's answer tells the router the KV is ready: its saves must have reached
+        # every tier (the decoder may read any of them) before the step returns.
+        self._durable_saves = transfer.kv_role == "kv_producer"
         self._closed = False
         self._chunks: ChunkStore | None = None
         self._paged: PagedKV | None = None
@@ -215,12 +219,15 @@ class KVTierConnector(KVConnectorBase_V1):
         if not self.has_connector_metadata():
             return
         size, block = self._config.chunk_size, self._shape.block_size
-        for spec in self._get_connector_metadata().plan.saves:
+        saves = self._get_connector_metadata().plan.saves
+        for spec in saves:
             try:
                 self._chunks.save(spec.token_ids, self._paged, chunk_slots(spec, size, block, self._shape.per_block),
                                   spec.first_chunk, spec.salt)
             except Exception:  # a failed save is a future miss, never a failed step
                 log.exception("kvtier: saving %s failed", spec.req_id)
+        if saves and self._durable_saves:
+            self._store.flush()  # bounded: every tier's operations have timeouts
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()

@@ -62,17 +62,24 @@ VLLM_CPU_OMP_THREADS_BIND=$DECODE_CPUS setsid python examples/vllm_serve.py serv
   --kv-transfer-config "$(kv_config kv_consumer)" > "$LOG_DIR/kvtier-decode.log" 2>&1 &
 pids+=($!)
 
-for port in "$PREFILL_PORT" "$DECODE_PORT"; do
-  echo "waiting for the server on port $port (logs in $LOG_DIR/kvtier-{prefill,decode}.log)"
-  timeout 600 bash -c "until curl -sf http://127.0.0.1:$port/health > /dev/null; do sleep 1; done"
-done
+wait_healthy() {  # port, pid, seconds: fail at once if the server exits
+  local deadline=$(( SECONDS + $3 ))
+  until curl -sf "http://127.0.0.1:$1/health" > /dev/null; do
+    kill -0 "$2" 2>/dev/null || { echo "the server on port $1 exited; see $LOG_DIR/kvtier-*.log" >&2; exit 1; }
+    (( SECONDS < deadline )) || { echo "no answer on port $1 after $3 s" >&2; exit 1; }
+    sleep 1
+  done
+}
+echo "starting the servers (logs in $LOG_DIR/kvtier-{prefill,decode}.log)"
+wait_healthy "$PREFILL_PORT" "${pids[0]}" 600
+wait_healthy "$DECODE_PORT" "${pids[1]}" 600
 
 # 3. The proxy: prefill with max_tokens=1, then the original request to the decoder.
 setsid python examples/pd_proxy.py --port "$PROXY_PORT" \
   --prefill "http://127.0.0.1:$PREFILL_PORT" --decode "http://127.0.0.1:$DECODE_PORT" \
   > "$LOG_DIR/kvtier-proxy.log" 2>&1 &
 pids+=($!)
-timeout 30 bash -c "until curl -sf http://127.0.0.1:$PROXY_PORT/health > /dev/null; do sleep 0.2; done"
+wait_healthy "$PROXY_PORT" "${pids[2]}" 30
 
 # 4. A request, as to any OpenAI-compatible server.
 PROMPT=${PROMPT:-"Prefill/decode disaggregation runs the prompt on one server and the generation on another."}

@@ -80,6 +80,16 @@ class Proxy:
             raise BackendError(status, error_body(f"{url} unreachable: {reason}", status)) from None
 
 
+    @staticmethod
+    def fetch(url: str, data: bytes | None, headers: dict[str, str], timeout: float) -> tuple[int, bytes, str]:
+        """Status, body and content type of a whole response; failures as :class:`BackendError`."""
+        with Proxy.open(url, data, headers, timeout) as resp:
+            try:
+                return resp.status, resp.read(), resp.headers.get("Content-Type", "application/json")
+            except OSError as exc:  # TimeoutError included: the answer stopped half-way
+                raise BackendError(504, error_body(f"{url}: reading the response failed: {exc}", 504)) from None
+
+
 class Handler(BaseHTTPRequestHandler):
     proxy: Proxy  # set on the class by main()
     protocol_version = "HTTP/1.1"
@@ -103,19 +113,22 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.split("?")[0] not in FORWARD_GET_PATHS:
             return self.send(404, error_body(f"no route for GET {self.path}", 404, "not_found"))
         try:
-            with Proxy.open(self.proxy.decode + self.path, None, self.headers_out(), self.proxy.timeout) as resp:
-                self.send(resp.status, resp.read(), resp.headers.get("Content-Type", "application/json"))
+            self.send(*Proxy.fetch(self.proxy.decode + self.path, None, self.headers_out(), self.proxy.timeout))
         except BackendError as exc:
             self.send(exc.status, exc.body, exc.content_type)
 
     def do_POST(self) -> None:  # noqa: N802
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY_BYTES:  # the body stays unread: this connection cannot go on
+            self.close_connection = True
+            status = 413 if length > 0 else 400
+            return self.send(status, error_body("missing, bad or too large Content-Length", status, "invalid_request_error"))
+        raw = self.rfile.read(length)
         if self.path.split("?")[0] not in GENERATE_PATHS:
             return self.send(404, error_body(f"no route for POST {self.path}", 404, "not_found"))
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            return self.send(413, error_body("request body too large", 413, "invalid_request_error"))
-        raw = self.rfile.read(length)
         try:
             body = json.loads(raw)
             if not isinstance(body, dict):
@@ -123,22 +136,17 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError as exc:
             return self.send(400, error_body(f"invalid JSON body: {exc}", 400, "invalid_request_error"))
         headers = self.headers_out()
-        try:
-            prefill = json.dumps(prefill_request(body)).encode()
-            with Proxy.open(self.proxy.prefill + self.path, prefill, headers, self.proxy.prefill_timeout) as resp:
-                resp.read()
-            resp = Proxy.open(self.proxy.decode + self.path, raw, headers, self.proxy.timeout)
+        decode = self.proxy.decode + self.path
+        try:  # 1. prefill: when it answers, the prompt's KV has been computed and handed to kvtier
+            Proxy.fetch(self.proxy.prefill + self.path, json.dumps(prefill_request(body)).encode(), headers,
+                        self.proxy.prefill_timeout)
+            if not body.get("stream"):  # 2. decode
+                return self.send(*Proxy.fetch(decode, raw, headers, self.proxy.timeout))
+            resp = Proxy.open(decode, raw, headers, self.proxy.timeout)
         except BackendError as exc:
             return self.send(exc.status, exc.body, exc.content_type)
         with resp:
-            content_type = resp.headers.get("Content-Type", "application/json")
-            if not body.get("stream"):
-                try:
-                    data = resp.read()
-                except (TimeoutError, OSError) as exc:
-                    return self.send(504, error_body(f"decode server: {exc}", 504))
-                return self.send(resp.status, data, content_type)
-            self.relay_stream(resp, content_type)
+            self.relay_stream(resp, resp.headers.get("Content-Type", "text/event-stream"))
 
     def relay_stream(self, resp: Any, content_type: str) -> None:
         """Pass server-sent events through as they arrive (chunked transfer encoding)."""

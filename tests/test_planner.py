@@ -56,6 +56,10 @@ def test_roles_and_short_prompts() -> None:
     producer = _planner({(16, ""): 16}, load=False)
     tokens = list(range(16))
     assert producer.matched_tokens("r", tokens, "", 0) == 0
+    producer.allocated("r", tokens, "", 0)
+    plan = StepPlan()
+    producer.scheduled("r", [1, 2, 3, 4], True, 0, 16, plan)
+    assert plan.saves == []  # the producer looked up: both chunks are stored already
     assert consumer.matched_tokens("r", tokens, "", 0) == 15
     consumer.allocated("r", tokens, "", 0)
     plan = StepPlan()

@@ -10,6 +10,7 @@ without writing anything to the store. Then the same with two OpenAI servers beh
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import signal
@@ -110,7 +111,7 @@ def test_pd_through_redis(tiny_model: Path, tmp_path: Path, plain: list[Output],
 
 # -- two OpenAI servers behind examples/pd_proxy.py ------------------------------------------------
 
-def http(url: str, body: dict[str, Any] | None = None, timeout: float = 120) -> tuple[int, bytes]:
+def fetch(url: str, body: dict[str, Any] | None = None, timeout: float = 120) -> tuple[int, bytes]:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
@@ -127,7 +128,7 @@ def wait_healthy(url: str, procs: list[subprocess.Popen], logs: list[Path], time
             if proc.poll() is not None:
                 pytest.fail(f"{log.name} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
         try:
-            if http(url + "/health", timeout=2)[0] == 200:
+            if fetch(url + "/health", timeout=2)[0] == 200:
                 return
         except OSError:
             pass
@@ -139,10 +140,10 @@ def wait_healthy(url: str, procs: list[subprocess.Popen], logs: list[Path], time
 def stop(proc: subprocess.Popen) -> None:
     """End a process we started and its children (its own session): TERM, then KILL."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
         try:
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
+        except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # children (engine core, workers) that outlived the parent
@@ -168,10 +169,18 @@ def start(argv: list[str], log: Path, started: list[subprocess.Popen], **env: st
 
 
 def serve(model: Path, port: int, config: Path, role: str, log: Path, started: list[subprocess.Popen]) -> None:
+    """An OpenAI server through examples/vllm_serve.py, set up like the offline engines of ``plain``.
+
+    No local prefix cache, so ``cached_tokens`` counts only what kvtier loaded; a chat template
+    that is the messages' text, so a chat prompt tokenizes exactly like the completion prompt.
+    """
     kv = kvtier_transfer_config(config, role=role)
+    template = log.with_suffix(".jinja")
+    template.write_text("{% for message in messages %}{{ message['content'] }}{% endfor %}")
     start([str(SERVE), "serve", str(model), "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "4096",
            "--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", str(128 << 20), "--seed", "0",
-           "--no-enable-prefix-caching", "--enable-prompt-tokens-details", "--kv-transfer-config", json.dumps(kv)],
+           "--no-enable-prefix-caching", "--enable-prompt-tokens-details", "--chat-template", str(template),
+           "--kv-transfer-config", json.dumps(kv)],
           log, started, HF_HUB_OFFLINE="1", VLLM_CPU_OMP_THREADS_BIND="0-1", PYTHONUNBUFFERED="1")
 
 
@@ -194,12 +203,12 @@ def test_proxy_with_prefill_and_decode_servers(tiny_model: Path, tmp_path: Path,
 
     request = {"model": str(tiny_model), "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0,
                "return_token_ids": True}
-    status, body = http(proxy + "/v1/completions", request)
+    status, body = fetch(proxy + "/v1/completions", request)
     assert status == 200, body
     answer = json.loads(body)
     assert answer["usage"]["prompt_tokens"] == len(PROMPTS[0].split())
     assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(PROMPTS[0].split()) - 1, \
-        "the decode server computed the prompt instead of loading it"
+        "the decode server computed the prompt instead of loading it (or the prefill's write had not landed)"
     assert answer["choices"][0]["token_ids"] == plain[0].tokens, "PD output differs from a single engine's"
     assert summarize_disk(store).chunks == -(-len(PROMPTS[0].split()) // CHUNK)
 
@@ -213,9 +222,18 @@ def test_proxy_with_prefill_and_decode_servers(tiny_model: Path, tmp_path: Path,
     text = "".join(c["text"] for e in events[:-1] for c in json.loads(e)["choices"])
     assert text == answer["choices"][0]["text"]
 
-    status, body = http(proxy + "/v1/models")
+    chat = {"model": str(tiny_model), "messages": [{"role": "user", "content": PROMPTS[1]}], "temperature": 0,
+            "max_completion_tokens": MAX_TOKENS, "return_token_ids": True}
+    status, body = fetch(proxy + "/v1/chat/completions", chat)
+    assert status == 200, body
+    answer = json.loads(body)
+    assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(PROMPTS[1].split()) - 1
+    assert answer["choices"][0]["token_ids"] == plain[1].tokens
+    assert summarize_disk(store).chunks == STORED_CHUNKS
+
+    status, body = fetch(proxy + "/v1/models")
     assert status == 200 and json.loads(body)["data"][0]["id"] == str(tiny_model)
-    status, body = http(proxy + "/v1/completions", {**request, "max_tokens": 10_000})  # the backend's own error
+    status, body = fetch(proxy + "/v1/completions", {**request, "max_tokens": 10_000})  # the backend's own error
     assert status == 400 and "error" in json.loads(body)
     print(f"servers up in {up:.1f} s, whole test {time.monotonic() - began:.1f} s")
 
@@ -233,14 +251,14 @@ def test_proxy_errors_are_json_and_never_hang(tmp_path: Path, processes: list[su
         deadline = time.monotonic() + 30
         while True:
             try:
-                status, body = http(url + "/health", timeout=5)
+                status, body = fetch(url + "/health", timeout=5)
                 break
             except OSError:
                 assert time.monotonic() < deadline, (tmp_path / "proxy.log").read_text()
                 time.sleep(0.1)
         assert status == 502 and "unreachable" in json.loads(body)["error"]["message"]
         began = time.monotonic()
-        status, body = http(url + "/v1/completions", {"model": "m", "prompt": "w5"}, timeout=30)
+        status, body = fetch(url + "/v1/completions", {"model": "m", "prompt": "w5"}, timeout=30)
         assert status == 504 and "timed out" in json.loads(body)["error"]["message"]
         assert time.monotonic() - began < 10
         request = urllib.request.Request(url + "/v1/chat/completions", data=b"{not json", method="POST")
@@ -250,5 +268,9 @@ def test_proxy_errors_are_json_and_never_hang(tmp_path: Path, processes: list[su
             assert exc.code == 400 and "invalid JSON" in json.loads(exc.read())["error"]["message"]
         else:
             pytest.fail("invalid JSON accepted")
-        status, body = http(url + "/v1/embeddings", {"input": "x"})
-        assert status == 404 and json.loads(body)["error"]["type"] == "not_found"
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # keep-alive survives a 404
+        for _ in range(2):
+            connection.request("POST", "/v1/embeddings", body=b'{"input": "x"}')
+            response = connection.getresponse()
+            assert response.status == 404 and json.loads(response.read())["error"]["type"] == "not_found"
+        connection.close()
