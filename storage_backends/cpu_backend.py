@@ -99,26 +99,40 @@ class CpuBackend(StorageBackend):
         return out
 
     def put(self, items: Sequence[tuple[str, Buffer]]) -> int:
+        """Slots are reserved under the lock, filled outside it and published under it again, so
+        lookups and reads never wait for a large copy."""
         start = time.perf_counter()
         stored = nbytes = 0
-        with self._lock:
-            for key, blob in items:
-                view = memoryview(blob).cast("B")
-                need = -(-view.nbytes // self.slot_bytes)
-                if self._pool is None or view.nbytes == 0 or need > len(self._pool):
+        for key, blob in items:
+            view = memoryview(blob).cast("B")
+            reserved = self._reserve(key, view.nbytes)
+            if reserved is None:
+                continue
+            pool, entry = reserved
+            self._write(pool, entry, view)  # these slots are in no list: nobody else touches them
+            with self._lock:
+                if self._pool is not pool:  # closed meanwhile
                     continue
-                self._remove(key)
-                if not self._make_room(need):
-                    continue
-                entry = _Entry(sorted(self._free.pop() for _ in range(need)), view.nbytes)
-                self._write(entry, view)
+                self._remove(key)  # a concurrent put of the same key published first
                 self._entries[key] = entry
                 self._used_bytes += entry.nbytes
-                stored += 1
-                nbytes += view.nbytes
+            stored += 1
+            nbytes += view.nbytes
+        with self._lock:
             self.metrics.usage(self._used_bytes, len(self._entries))
         self.metrics.put(stored, len(items) - stored, nbytes, time.perf_counter() - start)
         return stored
+
+    def _reserve(self, key: str, nbytes: int) -> tuple[np.ndarray, _Entry] | None:
+        """Drop the old copy of ``key`` and take free slots for ``nbytes`` (evicting if needed)."""
+        need = -(-nbytes // self.slot_bytes)
+        with self._lock:
+            if self._pool is None or nbytes == 0 or need > len(self._pool):
+                return None
+            self._remove(key)
+            if not self._make_room(need):
+                return None
+            return self._pool, _Entry(sorted(self._free.pop() for _ in range(need)), nbytes)
 
     def delete(self, keys: Sequence[str]) -> int:
         with self._lock:
@@ -135,7 +149,7 @@ class CpuBackend(StorageBackend):
             self._used_bytes = 0
             self.metrics.usage(0, 0)
 
-    # -- internals (lock held) ------------------------------------------------------------------
+    # -- internals (lock held, except _write) ------------------------------------------------------------------
 
     def _remove(self, key: str) -> bool:
         entry = self._entries.pop(key, None)
@@ -168,11 +182,11 @@ class CpuBackend(StorageBackend):
             self.metrics.evicted(1, entry.nbytes)
         return len(self._free) >= need
 
-    def _write(self, entry: _Entry, view: memoryview) -> None:
+    def _write(self, pool: np.ndarray, entry: _Entry, view: memoryview) -> None:
         src = np.frombuffer(view, dtype=np.uint8)
         for i, slot in enumerate(entry.slots):
             part = src[i * self.slot_bytes : (i + 1) * self.slot_bytes]
-            self._pool[slot, : part.size] = part
+            pool[slot, : part.size] = part
 
     def _read(self, entry: _Entry) -> np.ndarray:
         """A read-only view of adjacent slots, else a copy."""

@@ -150,3 +150,23 @@ def test_bad_geometry_is_rejected() -> None:
         CpuBackend(SLOT, 2 * SLOT)
     with pytest.raises(ValueError, match="pool"):
         CpuBackend(4 * SLOT, SLOT, pool=np.empty((3, SLOT), np.uint8))
+
+
+def test_lookups_do_not_wait_for_a_large_put() -> None:
+    import time
+
+    backend = CpuBackend(1 << 30, 1 << 20)
+    blob = bytes(512 << 20)  # a copy of this takes tens of milliseconds
+    backend.put([(_key(0), b"x")])
+    waits: list[float] = []
+    writer = threading.Thread(target=backend.put, args=([(_key(1), blob)],))
+    put_start = time.perf_counter()
+    writer.start()
+    while writer.is_alive():
+        start = time.perf_counter()
+        backend.contains([_key(0)])
+        waits.append(time.perf_counter() - start)
+    writer.join()
+    put_seconds = time.perf_counter() - put_start
+    assert len(waits) > 10 and max(waits) < put_seconds / 3  # the copy ran outside the lock
+    assert bytes(backend.get([_key(1)])[0][:8]) == bytes(8)
