@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from kvtier.tiny_model import BENCH_SPEC
+
 BLOCK = 128  # vLLM's KV block size on CPU
 CHUNK = 256  # kvtier chunk_size
-MODEL_SPEC = {"layers": 8, "hidden": 1024, "heads": 16, "kv_heads": 4, "intermediate": 2816, "vocab": 1024,
-              "max_positions": 8192}
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
              "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
 SETTLE_S = 2.0  # pause between runs of a prompt in one process: the previous run's stores are written
@@ -170,8 +170,8 @@ def measure(model: Path, token_counts: list[int], folder: Path, redis_url: str) 
 
     base = {"model": str(model), "max_len": max(token_counts) + 16, "kv": None, "prefix_caching": False,
             "redis_port": urlsplit(redis_url).port,
-            "warmup": prompt_text(24, seed=1, vocab=MODEL_SPEC["vocab"]),
-            "prompts": [prompt_text(n, seed=1000 + n, vocab=MODEL_SPEC["vocab"]) for n in token_counts]}
+            "warmup": prompt_text(24, seed=1, vocab=BENCH_SPEC.vocab),
+            "prompts": [prompt_text(n, seed=1000 + n, vocab=BENCH_SPEC.vocab) for n in token_counts]}
 
     def job(name: str, repeats: int = 1, retries: int = 2, **overrides: Any) -> list[list[Timed]]:
         print(f"  running {name} ...", file=sys.stderr, flush=True)
@@ -257,18 +257,18 @@ def main() -> None:
     if args.child:
         child(json.loads(args.child))
         return
-    if max(args.tokens) + 16 > MODEL_SPEC["max_positions"]:
-        parser.error(f"--tokens must stay below {MODEL_SPEC['max_positions'] - 16}")
+    if max(args.tokens) + 16 > BENCH_SPEC.max_positions:
+        parser.error(f"--tokens must stay below {BENCH_SPEC.max_positions - 16}")
     sys.path.insert(0, str(Path(__file__).parent))
     from storage_bench import redis_server
 
-    from kvtier.tiny_model import TinyLlamaSpec, make_tiny_llama
+    from kvtier.tiny_model import make_tiny_llama
 
     env = " ".join(f"{k}={v}" for k, v in CHILD_ENV.items() if k != "PYTHONUNBUFFERED")
     print(f"# ttft_bench on {machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n# command: python "
-          f"{' '.join(sys.argv)}\n# model: random Llama {MODEL_SPEC}, float32; vLLM block {BLOCK}, kvtier chunk "
+          f"{' '.join(sys.argv)}\n# model: random Llama {BENCH_SPEC}, float32; vLLM block {BLOCK}, kvtier chunk "
           f"{CHUNK}; env {env}", flush=True)
-    model = make_tiny_llama(args.model_dir, TinyLlamaSpec(**MODEL_SPEC))
+    model = make_tiny_llama(args.model_dir, BENCH_SPEC)
     with redis_server(args.redis_url) as url, tempfile.TemporaryDirectory(prefix="kvtier-ttft-") as tmp:
         results = measure(model, args.tokens, Path(tmp), url)
     print(to_markdown(results, args.tokens))
