@@ -16,6 +16,7 @@ waits until they have reached every tier, so the decoder finds them. Anything th
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -93,14 +94,15 @@ def _cache_shape(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> _Ca
 
 
 def _request_salt(request: Request) -> str:
-    """cache_salt and the LoRA adapter: requests differing in either never share KV."""
-    parts = []
-    if getattr(request, "cache_salt", None):
-        parts.append(f"salt={request.cache_salt}")
+    """cache_salt and the LoRA adapter: requests differing in either never share KV.
+
+    JSON, so no client-chosen cache_salt can spell another request's (salt, adapter) pair.
+    """
+    salt = getattr(request, "cache_salt", None) or None
     lora = getattr(request, "lora_request", None)
-    if lora is not None:
-        parts.append(f"lora={lora.lora_name}:{lora.lora_int_id}")
-    return "|".join(parts)
+    if salt is None and lora is None:
+        return ""
+    return json.dumps([salt, None if lora is None else [lora.lora_name, lora.lora_int_id]])
 
 
 class KVTierConnector(KVConnectorBase_V1):

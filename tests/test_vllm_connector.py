@@ -20,8 +20,9 @@ def test_cache_salt_and_lora_adapter_enter_the_salt() -> None:
     lora_a = _request(lora_request=LoRARequest("adapter-a", 1, "/tmp/a"))
     lora_b = _request(lora_request=LoRARequest("adapter-b", 2, "/tmp/b"))
     both = _request(cache_salt="tenant-a", lora_request=LoRARequest("adapter-a", 1, "/tmp/a"))
-    salts = [_request_salt(r) for r in (plain, salted, lora_a, lora_b, both)]
-    assert salts[0] == "" and len(set(salts)) == 5
+    forged = _request(cache_salt='tenant-a", ["adapter-a", 1]]')  # tries to spell "both"
+    salts = [_request_salt(r) for r in (plain, salted, lora_a, lora_b, both, forged)]
+    assert salts[0] == "" and len(set(salts)) == 6
 
 
 def test_chunk_size_must_be_a_multiple_of_the_block_size(tiny_model, tmp_path) -> None:
