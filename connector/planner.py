@@ -39,10 +39,15 @@ class TransferSpec:
 
 @dataclass
 class StepPlan:
-    """What the workers do for kvtier in one engine step."""
+    """What the workers do for kvtier in one engine step.
+
+    ``loads`` complete before the forward pass; ``async_loads`` run in the background for requests
+    the engine parks until the worker reports them finished.
+    """
 
     loads: list[TransferSpec] = field(default_factory=list)
     saves: list[TransferSpec] = field(default_factory=list)
+    async_loads: list[TransferSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -58,13 +63,15 @@ class RequestPlanner:
     """Tracks requests between scheduler calls; ``lookup(tokens, salt)`` = leading tokens held."""
 
     def __init__(self, chunk_size: int, lookup: Callable[[Sequence[int], str], int], save: bool = True,
-                 load: bool = True) -> None:
+                 load: bool = True, async_loads: bool = False) -> None:
         self.chunk_size = chunk_size
         self._lookup = lookup
         self._save = save
         self._load = load
+        self.async_loads = async_loads
         self._requests: dict[str, _Request] = {}
-        self._held: dict[str, int] = {}  # req_id -> tokens held at the last lookup
+        self._held: dict[str, tuple[int, int]] = {}  # req_id -> (tokens held, engine's own hit) at the last lookup
+        self._pending_async: list[TransferSpec] = []
 
     def chunks_of(self, num_tokens: int) -> int:
         """Chunks covering ``num_tokens`` tokens, the partial tail included."""
@@ -78,18 +85,29 @@ class RequestPlanner:
         if len(tokens) < 2 or not (self._load or self._save):
             return 0
         held = self._lookup(tokens, salt)
-        self._held[req_id] = held
+        self._held[req_id] = (held, num_computed)
         return max(0, min(held, len(tokens) - 1) - num_computed) if self._load else 0
 
-    def allocated(self, req_id: str, tokens: Sequence[int], salt: str, num_external: int) -> None:
-        """The engine allocated blocks for a request; ``num_external`` tokens come from kvtier."""
-        held = self._held.pop(req_id, 0)
+    def allocated(self, req_id: str, tokens: Sequence[int], salt: str, num_external: int,
+                  block_ids: Sequence[int] = ()) -> None:
+        """The engine allocated blocks (``block_ids``, in token order) for a request;
+        ``num_external`` tokens come from kvtier."""
+        held, local = self._held.pop(req_id, (0, 0))
         req = self._requests.get(req_id)
         if req is None:
             req = self._requests[req_id] = _Request(list(tokens), salt)
         stored = held // self.chunk_size + (1 if held == len(tokens) and held % self.chunk_size else 0)
         req.saved_chunks = max(req.saved_chunks, stored)
-        req.load_tokens = num_external
+        if self.async_loads and num_external:  # the request waits unscheduled: load in the next step
+            req.block_ids = list(block_ids)
+            self._pending_async.append(self._load_spec(req_id, req, local, local + num_external))
+        else:
+            req.load_tokens = num_external
+
+    def take_async_loads(self, plan: StepPlan) -> None:
+        """Move the loads of requests parked since the last step into ``plan``."""
+        plan.async_loads.extend(self._pending_async)
+        self._pending_async.clear()
 
     def scheduled(self, req_id: str, block_ids: Sequence[int], replace_blocks: bool, num_computed: int,
                   num_scheduled: int, plan: StepPlan) -> None:
@@ -112,12 +130,15 @@ class RequestPlanner:
 
     def _plan_load(self, req_id: str, req: _Request, num_computed: int, plan: StepPlan) -> None:
         end = num_computed  # the engine counts granted tokens as computed
-        start = end - req.load_tokens
+        plan.loads.append(self._load_spec(req_id, req, end - req.load_tokens, end))
         req.load_tokens = 0
+
+    def _load_spec(self, req_id: str, req: _Request, start: int, end: int) -> TransferSpec:
+        """Load tokens ``start .. end - 1``: the chunks that cover them, the held ones skipped."""
         first, last = start // self.chunk_size, (end - 1) // self.chunk_size
         tokens = req.tokens[: min(len(req.tokens), (last + 1) * self.chunk_size)]
-        plan.loads.append(TransferSpec(req_id, tokens, list(req.block_ids), req.salt, first, last - first + 1,
-                                       skip_tokens=start - first * self.chunk_size))
+        return TransferSpec(req_id, tokens, list(req.block_ids), req.salt, first, last - first + 1,
+                            skip_tokens=start - first * self.chunk_size)
 
     def _plan_save(self, req_id: str, req: _Request, computed: int, plan: StepPlan) -> None:
         prompt = len(req.tokens)

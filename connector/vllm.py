@@ -7,7 +7,9 @@ YAML, e.g. ``"redis.url"``), or the same dict as ``LLM(kv_transfer_config=...)``
 installed, its ``vllm.general_plugins`` entry point registers the bare name ``KVTierConnector``.
 
 This file only translates vLLM's objects: planning is :class:`RequestPlanner`, moving bytes is
-:class:`ChunkStore` and the copy layer. Loads are synchronous, before the forward pass; saves are
+:class:`ChunkStore` and the copy layer. Loads are synchronous, before the forward pass, or with
+``load_mode: async`` run on a loader thread while vLLM parks the request in
+WAITING_FOR_REMOTE_KVS and keeps serving others (worth it when a tier is slow); saves are
 gathered right after it (so blocks are never freed under a pending save) and written to the
 tiers by background threads; a ``kv_producer`` (the prefill side of a disaggregated deployment)
 waits until they have reached every tier, so the decoder finds them. Anything that goes wrong becomes a miss or a recompute: kvtier sets
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -132,7 +136,11 @@ class KVTierConnector(KVConnectorBase_V1):
                 log.info("kvtier: setting kv_load_failure_policy=recompute (a cache miss must not fail a request)")
                 transfer.kv_load_failure_policy = "recompute"
             self._planner = RequestPlanner(self._config.chunk_size, self._lookup, save=transfer.is_kv_producer,
-                                           load=transfer.is_kv_consumer)
+                                           load=transfer.is_kv_consumer, async_loads=self._config.load_mode == "async")
+        else:
+            self._loader: ThreadPoolExecutor | None = None  # async loads, started on first use
+            self._loading: dict[str, Future] = {}
+            self._failed_lock = threading.Lock()
 
     def _chunk_store(self, tp_rank: int, device: torch.device | str = "cpu") -> ChunkStore:
         parallel = self._vllm_config.parallel_config
@@ -157,12 +165,13 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         tokens = request.prompt_token_ids or []
-        return self._planner.matched_tokens(request.request_id, tokens, _request_salt(request), num_computed_tokens), False
+        matched = self._planner.matched_tokens(request.request_id, tokens, _request_salt(request), num_computed_tokens)
+        return matched, bool(matched) and self._planner.async_loads
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if request.prompt_token_ids:
             self._planner.allocated(request.request_id, request.prompt_token_ids, _request_salt(request),
-                                    num_external_tokens)
+                                    num_external_tokens, blocks.get_block_ids()[0] if num_external_tokens else ())
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         plan = StepPlan()
@@ -175,6 +184,7 @@ class KVTierConnector(KVConnectorBase_V1):
             new_blocks = cached.new_block_ids[i]
             self._planner.scheduled(req_id, new_blocks[0] if new_blocks else [], req_id in cached.resumed_req_ids,
                                     cached.num_computed_tokens[i], scheduled.get(req_id, 0), plan)
+        self._planner.take_async_loads(plan)
         return KVTierConnectorMetadata(plan)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -192,8 +202,21 @@ class KVTierConnector(KVConnectorBase_V1):
         self._chunks = self._chunk_store(_tp_rank(), layers[0].device)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        for spec in self._get_connector_metadata().plan.loads:
+        plan = self._get_connector_metadata().plan
+        for spec in plan.loads:
             self._load(spec)
+        for spec in plan.async_loads:  # parked requests: vLLM waits for get_finished to name them
+            if self._loader is None:
+                self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
+            self._loading[spec.req_id] = self._loader.submit(self._load, spec)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Async loads that completed; their failed blocks were recorded before completion, so
+        ``get_block_ids_with_load_errors`` reports them in this same pass."""
+        done = {req_id for req_id, future in self._loading.items() if future.done()}
+        for req_id in done:
+            del self._loading[req_id]
+        return None, done or None
 
     def _load(self, spec: TransferSpec) -> None:
         size, block = self._config.chunk_size, self._shape.block_size
@@ -206,7 +229,8 @@ class KVTierConnector(KVConnectorBase_V1):
             loaded = 0
         if loaded < spec.num_chunks:
             first_bad = max((spec.first_chunk + loaded) * size, spec.first_chunk * size + spec.skip_tokens)
-            self._failed_blocks.update(spec.block_ids[first_bad // block : -(-len(spec.token_ids) // block)])
+            with self._failed_lock:
+                self._failed_blocks.update(spec.block_ids[first_bad // block : -(-len(spec.token_ids) // block)])
             log.warning("kvtier: %s: loaded %d of %d chunks; recomputing from token %d",
                         spec.req_id, loaded, spec.num_chunks, first_bad)
 
@@ -232,12 +256,15 @@ class KVTierConnector(KVConnectorBase_V1):
             self._store.flush()  # bounded: every tier's operations have timeouts
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        failed, self._failed_blocks = self._failed_blocks, set()
+        with self._failed_lock:
+            failed, self._failed_blocks = self._failed_blocks, set()
         return failed
 
     def shutdown(self) -> None:
         if not self._closed:
             self._closed = True
+            if getattr(self, "_loader", None) is not None:
+                self._loader.shutdown(wait=True)
             STORES.release(self._config)
 
 

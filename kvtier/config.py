@@ -109,6 +109,7 @@ class KVTierConfig(_Strict):
     chunk_size: int = Field(default=256, ge=1, le=1 << 20)
     tiers: list[TierConfig] = Field(min_length=1)
     write_policy: Literal["write_through", "top_only"] = "write_through"
+    load_mode: Literal["sync", "async"] = "sync"  # async: the engine parks a request while its KV loads
     namespace: str = ""  # tenant / cache salt: separates caches that share a store
     model_id: str | None = None  # names the model in keys; default: the engine's model name or path
     max_pending_writes: int = Field(default=64, ge=1, le=1 << 16)  # batches queued for lower tiers

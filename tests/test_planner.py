@@ -92,3 +92,19 @@ def test_chunk_slots_for_token_and_block_layouts() -> None:
     blocks = chunk_slots(spec, CHUNK, 4, per_block=True)
     assert [b.tolist() for b in blocks] == [[9, 4], [2, 8]]  # the tail's partial block is stored whole
     assert all(t.dtype == torch.int64 for t in tokens + blocks)
+
+
+def test_async_loads_are_planned_at_allocation_for_the_parked_request() -> None:
+    planner = _planner({(20, ""): 20}, async_loads=True)
+    tokens = list(range(20))
+    assert planner.matched_tokens("r", tokens, "", 4) == 15  # the engine holds 4 tokens itself
+    planner.allocated("r", tokens, "", 15, block_ids=[5, 6, 7, 8, 9])
+    plan = StepPlan()
+    planner.take_async_loads(plan)
+    assert plan.async_loads == [TransferSpec("r", tokens, [5, 6, 7, 8, 9], "", 0, 3, skip_tokens=4)]
+    assert plan.loads == []
+    later = StepPlan()  # once loaded, vLLM schedules it with the tokens computed: no second load
+    planner.take_async_loads(later)
+    planner.allocated("r", tokens, "", 0)
+    planner.scheduled("r", [5, 6, 7, 8, 9], True, 19, 1, later)
+    assert later.async_loads == later.loads == later.saves == []

@@ -149,3 +149,19 @@ def test_engine_prefix_cache_and_kvtier_together(tiny_model: Path, tmp_path: Pat
     assert run[1][0].cached == 699  # 384 from vLLM's cache, the rest from kvtier
     assert run[1][0].tokens == plain[P700]
     assert run.stats["disk"]["get_hits"] == 1 + 2  # chunk 0, then only chunks 1 and the tail
+
+
+def test_async_loading_parks_the_request_and_matches(tiny_model: Path, tmp_path: Path, plain) -> None:
+    """load_mode: async (WAITING_FOR_REMOTE_KVS): same hits and outputs; a damaged store recomputes."""
+    config = tmp_path / "async.yaml"
+    config.write_text(f"chunk_size: 256\nload_mode: async\n"
+                      f"tiers: [{{type: disk, path: {tmp_path / 'store'}, max_bytes: 1GiB}}]\n")
+    kv = kvtier_transfer_config(config)
+    run_engine(tiny_model, [PROMPTS], kv)
+    second = run_engine(tiny_model, [PROMPTS], kv)
+    _assert_loaded(second[0])
+    _assert_same(second[0], plain)
+    _rewrite_chunks(tmp_path / "store", noise_keeps_checksum=False)
+    third = run_engine(tiny_model, [PROMPTS], kv)
+    _assert_same(third[0], plain)
+    assert third.stats["disk"]["corrupt_chunks"] >= 2
