@@ -24,10 +24,6 @@ class TinyLlamaSpec:
     max_positions: int = 8192
     seed: int = 0
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
 
 # The shape DESIGN.md's reference figures were measured on: a 2048-token prefill takes ~2 s on 2 cores.
 BENCH_SPEC = TinyLlamaSpec(layers=8, hidden=1024, heads=16, kv_heads=4, intermediate=2816, vocab=1024)

@@ -119,11 +119,10 @@ def test_a_chunk_of_another_shape_under_the_right_key_is_refused(store: TieredSt
     paged = _cache("NHD")
     chunks = ChunkStore(store, _namespace(paged), make_copier("cpu"))
     tokens = list(range(8))
-    other = dataclasses.replace(_namespace(paged), chunk_size=CHUNK)
     # A writer with a wrong head count but (by a bug) the same namespace: the header tells.
     from kvtier.connector.codec import encode_chunk
     key = chunks.keys(tokens)[0]
-    store.put([(key, encode_chunk(key, other.kv_dtype, (LAYERS, 2, CHUNK, 1, DIM), "kv", "tiny", CHUNK,
+    store.put([(key, encode_chunk(key, chunks.namespace.kv_dtype, (LAYERS, 2, CHUNK, 1, DIM), "kv", "tiny", CHUNK,
                                   bytes(LAYERS * 2 * CHUNK * DIM * 2)))])
     assert chunks.lookup(tokens) == 8
     assert chunks.load(tokens, _cache("NHD", fill=False), split_slots(_slots(8, 3), CHUNK)) == 0
