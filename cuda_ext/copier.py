@@ -8,11 +8,47 @@ in :mod:`.torch_copier`, CUDA kernels later) gets checked inputs and only has to
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 
 import torch
 
 from .paged_kv import PagedKV
+
+log = logging.getLogger(__name__)
+
+
+class CopyDone:
+    """Completion of a copy. This base one is already complete (CPU copies finish before returning);
+    :class:`CudaCopyDone` waits on a CUDA event."""
+
+    def query(self) -> bool:
+        """True once the copy has finished (never blocks)."""
+        return True
+
+    def synchronize(self) -> None:
+        """Block the calling thread until the copy has finished."""
+
+    def wait_on_current_stream(self) -> None:
+        """Order the current CUDA stream after the copy, without blocking the host."""
+
+
+class CudaCopyDone(CopyDone):
+    """An event recorded on the copy's stream after its last operation."""
+
+    def __init__(self, event: torch.cuda.Event, keep: tuple[torch.Tensor, ...] = ()) -> None:
+        self._event = event
+        self._keep = keep  # tensors the copy reads or writes: alive until it is waited for
+
+    def query(self) -> bool:
+        return self._event.query()
+
+    def synchronize(self) -> None:
+        self._event.synchronize()
+        self._keep = ()
+
+    def wait_on_current_stream(self) -> None:
+        torch.cuda.current_stream().wait_event(self._event)
 
 
 class KVCopier(ABC):
@@ -20,17 +56,25 @@ class KVCopier(ABC):
 
     ``slots`` is an integer ``[num_chunks, tokens_per_chunk]`` tensor of token slot ids
     (``block_id * block_size + offset``). A scatter with duplicate slots is undefined: which
-    chunk's bytes land in the slot is unspecified (as with any parallel write).
+    chunk's bytes land in the slot is unspecified (as with any parallel write). ``layers`` limits a
+    copy to a range of layers (layer-by-layer loads and saves); the other layers of ``out`` are
+    left untouched.
     """
 
-    def gather(
-        self, paged: PagedKV, slots: torch.Tensor, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Copy ``slots`` of every layer into ``out`` (allocated on ``paged.device`` if None).
+    def gather(self, paged: PagedKV, slots: torch.Tensor, out: torch.Tensor | None = None, *,
+               layers: range | None = None) -> torch.Tensor:
+        """Copy ``slots`` of every layer into ``out`` (allocated on ``paged.device`` if None) and wait.
 
         ``out`` may live on another device (e.g. pinned host memory); each ``out[i]`` must be
         contiguous because it *is* the canonical chunk bytes.
         """
+        out, done = self.gather_async(paged, slots, out, layers=layers)
+        done.synchronize()
+        return out
+
+    def gather_async(self, paged: PagedKV, slots: torch.Tensor, out: torch.Tensor | None = None, *,
+                     layers: range | None = None) -> tuple[torch.Tensor, CopyDone]:
+        """:meth:`gather` enqueued on the current CUDA stream; ``out`` is valid once done."""
         slots = check_slots(paged, slots)
         shape = (slots.shape[0], *paged.chunk_shape(slots.shape[1]))
         if out is None:
@@ -38,32 +82,60 @@ class KVCopier(ABC):
         else:
             _check_batch(out, shape, paged, "out")
             _check_chunks_contiguous(out)
-        if slots.numel():
-            self._gather(paged, slots, out)
-        return out
+        planes = _plane_range(paged, layers)
+        if not slots.numel() or not planes:
+            return out, CopyDone()
+        return out, self._gather(paged, slots, out, planes)
 
-    def scatter(self, chunks: torch.Tensor, paged: PagedKV, slots: torch.Tensor) -> None:
-        """Write ``chunks`` (any device, any strides) into ``slots`` of every layer."""
+    def scatter(self, chunks: torch.Tensor, paged: PagedKV, slots: torch.Tensor, *,
+                layers: range | None = None) -> None:
+        """Write ``chunks`` (any device, any strides) into ``slots`` of every layer and wait."""
+        self.scatter_async(chunks, paged, slots, layers=layers).synchronize()
+
+    def scatter_async(self, chunks: torch.Tensor, paged: PagedKV, slots: torch.Tensor, *,
+                      layers: range | None = None) -> CopyDone:
+        """:meth:`scatter` enqueued on the current CUDA stream; ``chunks`` must stay unchanged
+        until it is done."""
         slots = check_slots(paged, slots)
         _check_batch(chunks, (slots.shape[0], *paged.chunk_shape(slots.shape[1])), paged, "chunks")
-        if slots.numel():
-            self._scatter(chunks, paged, slots)
+        planes = _plane_range(paged, layers)
+        if not slots.numel() or not planes:
+            return CopyDone()
+        return self._scatter(chunks, paged, slots, planes)
 
     @abstractmethod
-    def _gather(self, paged: PagedKV, slots: torch.Tensor, out: torch.Tensor) -> None:
-        """Fill ``out``; inputs are validated, ``slots`` is int64 on ``paged.device``, non-empty."""
+    def _gather(self, paged: PagedKV, slots: torch.Tensor, out: torch.Tensor, planes: range) -> CopyDone:
+        """Fill ``planes`` of ``out``; inputs are validated, ``slots`` is int64 on ``paged.device``,
+        non-empty; ``planes`` indexes :meth:`PagedKV.planes` (layer-major, K before V)."""
 
     @abstractmethod
-    def _scatter(self, chunks: torch.Tensor, paged: PagedKV, slots: torch.Tensor) -> None:
-        """Write ``chunks``; inputs are validated, ``slots`` is int64 on ``paged.device``."""
+    def _scatter(self, chunks: torch.Tensor, paged: PagedKV, slots: torch.Tensor, planes: range) -> CopyDone:
+        """Write ``planes`` of ``chunks``; inputs are validated, ``slots`` is int64 on ``paged.device``."""
 
 
-def make_copier(device: torch.device | str | None = None) -> KVCopier:
-    """The copier for ``device``; CUDA kernels (CuPy) will be chosen here when available."""
-    from .torch_copier import TorchCopier  # lazily, as the CuPy copier will have to be
+def _plane_range(paged: PagedKV, layers: range | None) -> range:
+    if layers is None:
+        return range(paged.num_layers * paged.kv_planes)
+    if not isinstance(layers, range) or layers.step != 1:
+        raise TypeError(f"layers must be a range with step 1, got {layers!r}")
+    if layers.start < 0 or layers.stop > paged.num_layers:
+        raise ValueError(f"layers {layers} not within the cache's {paged.num_layers} layers")
+    return range(layers.start * paged.kv_planes, max(layers.start, layers.stop) * paged.kv_planes)
 
-    if device is not None:
-        torch.device(device)  # rejects a malformed device string early
+
+def make_copier(device: torch.device | str | None = None, *, max_sms: int | None = None,
+                host_access: str = "direct") -> KVCopier:
+    """The copier for ``device``: the CUDA kernels (through CuPy) on a CUDA device when CuPy is
+    installed, else torch. ``max_sms`` and ``host_access`` tune the kernels (see CupyCopier)."""
+    from .torch_copier import TorchCopier  # lazily, as CuPy is optional
+
+    dev = torch.device(device) if device is not None else None  # rejects a malformed string early
+    if dev is not None and dev.type == "cuda":
+        from .cupy_copier import CupyCopier, cupy_available
+
+        if cupy_available():
+            return CupyCopier(dev, max_sms=max_sms, host_access=host_access)
+        log.warning("kvtier: CuPy is not installed (pip install kvtier[cuda]); using the slower torch copier")
     return TorchCopier()
 
 
@@ -71,7 +143,7 @@ def check_slots(paged: PagedKV, slots: torch.Tensor) -> torch.Tensor:
     """Validate a slot mapping and return it as int64 on ``paged.device``.
 
     Out-of-range slots raise here, before any copy, so a bad mapping can never touch memory
-    outside the cache (on GPU this costs one synchronising min/max).
+    outside the cache (slots already on a GPU cost one synchronising min/max; pass host slots).
     """
     if not isinstance(slots, torch.Tensor):
         raise TypeError(f"slots must be a tensor, got {type(slots).__name__}")
@@ -81,8 +153,7 @@ def check_slots(paged: PagedKV, slots: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"slots must be [num_chunks, tokens_per_chunk], got shape {tuple(slots.shape)}"
         )
-    slots = slots.to(device=paged.device, dtype=torch.int64)
-    if slots.numel():
+    if slots.numel():  # checked where the slots are (host slots: no device sync)
         lo, hi = (int(v) for v in torch.aminmax(slots))
         if lo < 0 or hi >= paged.num_slots:
             bad = lo if lo < 0 else hi
@@ -90,7 +161,7 @@ def check_slots(paged: PagedKV, slots: torch.Tensor) -> torch.Tensor:
                 f"slot {bad} out of range [0, {paged.num_slots}) "
                 f"({paged.num_blocks} blocks x {paged.block_size} slots)"
             )
-    return slots
+    return slots.to(device=paged.device, dtype=torch.int64).contiguous()
 
 
 def _check_batch(t: torch.Tensor, shape: tuple[int, ...], paged: PagedKV, name: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .copier import KVCopier
+from .copier import CopyDone, KVCopier
 from .paged_kv import PagedKV
 
 _WIDE = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
@@ -20,32 +20,35 @@ _WIDE = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
 class TorchCopier(KVCopier):
     """Vectorised torch indexing; cross-device transfers are one blocking ``copy_`` per batch."""
 
-    def _gather(self, paged: PagedKV, slots: torch.Tensor, out: torch.Tensor) -> None:
+    def _gather(self, paged: PagedKV, slots: torch.Tensor, out: torch.Tensor, planes: range) -> CopyDone:
         n, t = slots.shape
         same = out.device == paged.device
         staging = out if same else torch.empty(out.shape, dtype=out.dtype, device=paged.device)
-        planes = paged.planes()
-        wide = widest_int_dtype([*planes, staging])
+        views = paged.planes()
+        wide = widest_int_dtype([*views, staging])
         dst = staging.view(wide)
         index = _SlotIndex(paged, slots)
-        for i, plane in enumerate(planes):
+        for i in planes:
             layer, kv = divmod(i, paged.kv_planes)
-            rows = index.take(plane.view(wide))  # [n * t, heads, words]
+            rows = index.take(views[i].view(wide))  # [n * t, heads, words]
             dst[:, layer, kv].copy_(rows.view(n, t, *rows.shape[1:]))
         if not same:
-            out.view(wide).copy_(dst)
+            layers = slice(planes.start // paged.kv_planes, -(-planes.stop // paged.kv_planes))
+            out.view(wide)[:, layers].copy_(dst[:, layers])
+        return CopyDone()
 
-    def _scatter(self, chunks: torch.Tensor, paged: PagedKV, slots: torch.Tensor) -> None:
+    def _scatter(self, chunks: torch.Tensor, paged: PagedKV, slots: torch.Tensor, planes: range) -> CopyDone:
         n, t = slots.shape
         src = chunks.to(paged.device)  # one copy when the chunks live elsewhere
-        planes = paged.planes()
-        wide = widest_int_dtype([*planes, src])
+        views = paged.planes()
+        wide = widest_int_dtype([*views, src])
         src = src.view(wide)
         index = _SlotIndex(paged, slots)
-        for i, plane in enumerate(planes):
+        for i in planes:
             layer, kv = divmod(i, paged.kv_planes)
             rows = src[:, layer, kv]
-            index.put(plane.view(wide), rows.reshape(n * t, *rows.shape[2:]))
+            index.put(views[i].view(wide), rows.reshape(n * t, *rows.shape[2:]))
+        return CopyDone()
 
 
 class _SlotIndex:
