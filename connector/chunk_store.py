@@ -3,7 +3,8 @@
 An engine adapter hands over token ids, the engine's paged cache (as a ``PagedKV``) and, for each
 chunk, the slots that hold it (token slots, or block ids for opaque layouts); this class names the
 chunks with the prefix key chain, moves the KV through the copy layer and keeps it in the tiers.
-Nothing here knows vLLM or SGLang.
+An engine that hashes the tokens itself (SGLang hands over its page keys) uses the ``*_keys``
+methods, which do the same on precomputed keys. Nothing here knows vLLM or SGLang.
 
 The last chunk of a token list may be partial (fewer than ``chunk_size`` tokens): it gets its own
 key (a chain link over fewer token bytes), so it is found only by a request with exactly the same
@@ -17,7 +18,8 @@ import logging
 import threading
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 
 import numpy as np
 import torch
@@ -26,7 +28,8 @@ from kvtier.cuda_ext import KVCopier, PagedKV
 from kvtier.storage_backends.tiered import TieredStore
 
 from .codec import Chunk, encode_chunk
-from .keys import KeyNamespace, chunk_keys
+from .keys import KeyNamespace, chunk_keys, page_key_digest, storage_key
+from .transfers import ChunkLoad
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,9 @@ class ChunkStore:
         self.chunk_size = namespace.chunk_size
         self._digests: dict[str, bytes] = {}
         self._digests_lock = threading.Lock()
+        self._encoder: ThreadPoolExecutor | None = None  # GPU saves: encodes once the gather is done
+        self._encoding: set[Future] = set()
+        self._encoding_lock = threading.Lock()
 
     def digest(self, salt: str = "") -> bytes:
         """The namespace digest for a request salt (cache_salt, LoRA adapter...), cached."""
@@ -73,30 +79,22 @@ class ChunkStore:
     def lookup(self, tokens: Tokens, salt: str = "", include_partial: bool = True) -> int:
         """How many leading tokens the tiers hold (whole chunks; a stored partial tail counts too)."""
         keys = self.keys(tokens, salt, include_partial)
-        return min(len(tokens), self.store.contains(keys) * self.chunk_size)
+        return min(len(tokens), self.lookup_keys(keys) * self.chunk_size)
 
     def save(self, tokens: Tokens, paged: PagedKV, chunk_slots: Sequence[torch.Tensor], first_chunk: int = 0,
              salt: str = "", wait: bool = False) -> Future | int | None:
         """Gather chunks ``first_chunk, first_chunk + 1, ...`` (one slot tensor each) and store them.
 
-        The gather happens now (the slots may be reused as soon as this returns); the tiers are
-        written in the background unless ``wait`` (then: how many chunks the top tier stored).
+        On CPU the gather happens now; on a CUDA cache it is queued on the current stream and the
+        slots must stay unchanged until it is done (the vLLM adapter keeps a finished request's
+        blocks until then). The tiers are written in the background unless ``wait`` (then: how many
+        chunks the top tier stored).
         """
         if not chunk_slots:
             return 0 if wait else None
-        self._check_paged(paged)
         keys = self._range_keys(tokens, salt, first_chunk, len(chunk_slots))
-        items = []
-        for start, group in _same_length_runs(chunk_slots):
-            slots = torch.stack(list(group))
-            out = torch.empty((len(group), *paged.chunk_shape(slots.shape[1])), dtype=paged.dtype, device="cpu")
-            self.copier.gather(paged, slots, out=out)
-            for j, chunk in enumerate(out):
-                index = first_chunk + start + j
-                key = keys[start + j]
-                items.append((key, encode_chunk(key, self.namespace.kv_dtype, tuple(chunk.shape), paged.format_id,
-                                                self.namespace.model, self._tokens_in(tokens, index), _as_bytes(chunk))))
-        return self.store.put(items) if wait else self.store.put_async(items)
+        counts = [self._tokens_in(tokens, first_chunk + j) for j in range(len(chunk_slots))]
+        return self.save_keys(keys, paged, chunk_slots, counts, wait)
 
     def load(self, tokens: Tokens, paged: PagedKV, chunk_slots: Sequence[torch.Tensor], first_chunk: int = 0,
              salt: str = "", skip_units: int = 0) -> int:
@@ -108,20 +106,119 @@ class ChunkStore:
         """
         if not chunk_slots:
             return 0
-        self._check_paged(paged)
         keys = self._range_keys(tokens, salt, first_chunk, len(chunk_slots))
-        found = self.store.get(keys)
-        usable = 0
+        counts = [self._tokens_in(tokens, first_chunk + j) for j in range(len(chunk_slots))]
+        return self.load_keys(keys, paged, chunk_slots, counts, skip_units)
+
+    # -- the same on precomputed keys (the SGLang backend gets page hashes, not tokens) ------------
+
+    def keys_from_chain(self, page_keys: Sequence[str], salt: str = "") -> list[str]:
+        """Storage keys for an engine's own token-chain digests (SGLang page keys, hex)."""
+        digest = self.digest(salt)
+        return [storage_key(digest, page_key_digest(k)) for k in page_keys]
+
+    def lookup_keys(self, keys: Sequence[str]) -> int:
+        """How many leading ``keys`` the tiers hold."""
+        return self.store.contains(list(keys))
+
+    def save_keys(self, keys: Sequence[str], paged: PagedKV, chunk_slots: Sequence[torch.Tensor],
+                  num_tokens: Sequence[int], wait: bool = False) -> Future | int | None:
+        """Gather each chunk's slots and store it under its key; ``num_tokens`` (tokens per chunk)
+        goes into the headers. Returns as :meth:`save`."""
+        if len(keys) != len(chunk_slots) or len(num_tokens) != len(chunk_slots):
+            raise ValueError(f"{len(keys)} keys, {len(chunk_slots)} slot tensors, {len(num_tokens)} token counts")
+        if not chunk_slots:
+            return 0 if wait else None
+        self._check_paged(paged)
+        gathered = []
+        for start, group in _same_length_runs(chunk_slots):
+            slots = torch.stack(list(group))
+            out = torch.empty((len(group), *paged.chunk_shape(slots.shape[1])), dtype=paged.dtype, device="cpu",
+                              pin_memory=paged.device.type == "cuda")  # pinned: the kernels write it directly
+            out, done = self.copier.gather_async(paged, slots, out=out)
+            gathered.append((start, out, done))
+        if wait or all(done.query() for _, _, done in gathered):
+            return self._store_gathered(keys, num_tokens, paged.format_id, gathered, wait)
+        # A GPU gather still running on its stream: encode and store once it is done, off this thread.
+        with self._encoding_lock:
+            if self._encoder is None:
+                self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-encode")
+            future = self._encoder.submit(self._store_gathered, keys, num_tokens, paged.format_id, gathered, False)
+            self._encoding.add(future)
+            future.add_done_callback(self._encoding.discard)
+        return future
+
+    def _store_gathered(self, keys: Sequence[str], num_tokens: Sequence[int], format_id: str,
+                        gathered: list, wait: bool) -> Future | int | None:
+        items = []
+        for start, out, done in gathered:
+            done.synchronize()
+            for j, chunk in enumerate(out):
+                key = keys[start + j]
+                items.append((key, encode_chunk(key, self.namespace.kv_dtype, tuple(chunk.shape), format_id,
+                                                self.namespace.model, num_tokens[start + j], _as_bytes(chunk))))
+        return self.store.put(items) if wait else self.store.put_async(items)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every save so far has reached every tier (GPU gathers, encoding, tier writes)."""
+        with self._encoding_lock:
+            pending = list(self._encoding)
+        futures_wait(pending, timeout)
+        self.store.flush(timeout)
+
+    def close(self) -> None:
+        """Stop the encoding thread (after the saves it holds)."""
+        with self._encoding_lock:
+            encoder, self._encoder = self._encoder, None
+        if encoder is not None:
+            encoder.shutdown(wait=True)
+
+    def load_keys(self, keys: Sequence[str], paged: PagedKV, chunk_slots: Sequence[torch.Tensor],
+                  num_tokens: Sequence[int], skip_units: int = 0) -> int:
+        """Load the chunks under ``keys`` into their slots; returns as :meth:`load`."""
+        if len(keys) != len(chunk_slots) or len(num_tokens) != len(chunk_slots):
+            raise ValueError(f"{len(keys)} keys, {len(chunk_slots)} slot tensors, {len(num_tokens)} token counts")
+        if not chunk_slots:
+            return 0
+        load = self.fetch_keys(keys, paged, chunk_slots, num_tokens, skip_units)
+        for payload, slots in zip(load.payloads, load.slots):
+            self.copier.scatter(payload[None], paged, slots[None])
+        return len(load.payloads)
+
+    def fetch(self, tokens: Tokens, paged: PagedKV, chunk_slots: Sequence[torch.Tensor], first_chunk: int = 0,
+              salt: str = "", skip_units: int = 0) -> ChunkLoad:
+        """The reading half of :meth:`load`: the usable leading chunks, checked, ready to copy in."""
+        if not chunk_slots:
+            return ChunkLoad([], [])
+        keys = self._range_keys(tokens, salt, first_chunk, len(chunk_slots))
+        counts = [self._tokens_in(tokens, first_chunk + j) for j in range(len(chunk_slots))]
+        return self.fetch_keys(keys, paged, chunk_slots, counts, skip_units)
+
+    def fetch_keys(self, keys: Sequence[str], paged: PagedKV, chunk_slots: Sequence[torch.Tensor],
+                   num_tokens: Sequence[int], skip_units: int = 0) -> ChunkLoad:
+        """Read and check the chunks under ``keys``; a missing, corrupt or mismatched one ends the
+        prefix there. Payloads are the tier's own buffers where possible (zero-copy views of the
+        cpu tier); for a CUDA cache they are pinned, so the kernels read them directly."""
+        if len(keys) != len(chunk_slots) or len(num_tokens) != len(chunk_slots):
+            raise ValueError(f"{len(keys)} keys, {len(chunk_slots)} slot tensors, {len(num_tokens)} token counts")
+        load = ChunkLoad([], [])
+        if not chunk_slots:
+            return load
+        self._check_paged(paged)
+        found = self.store.get(list(keys))
         for j, (key, chunk) in enumerate(zip(keys, found)):
-            expected = (paged.chunk_shape(len(chunk_slots[j])), self._tokens_in(tokens, first_chunk + j))
+            expected = (paged.chunk_shape(len(chunk_slots[j])), num_tokens[j])
             if chunk is None or not self._matches(key, chunk, *expected, paged):
                 break
-            usable += 1
-        for j in range(usable):  # straight from the tier's buffer (a zero-copy view for the cpu tier)
             skip = skip_units if j == 0 else 0
-            chunk = _payload_tensor(found[j], paged.dtype)
-            self.copier.scatter(chunk[None, :, :, skip:], paged, chunk_slots[j][None, skip:])
-        return usable
+            payload = _payload_tensor(chunk, paged.dtype)[:, :, skip:]
+            if skip:
+                payload = payload.contiguous()
+            if paged.device.type == "cuda" and not payload.is_pinned():
+                payload = payload.pin_memory()
+            load.payloads.append(payload)
+            load.slots.append(chunk_slots[j][skip:])
+        return load
 
     def _range_keys(self, tokens: Tokens, salt: str, first: int, count: int) -> list[str]:
         include_partial = first + count > len(tokens) // self.chunk_size

@@ -9,6 +9,9 @@ are computed) and gets plain :class:`TransferSpec` records to ship to the worker
   prompt (or a decode instance) loads all but one token.
 - Every chunk the store does not hold yet is saved once its tokens are computed; the partial tail
   once the whole prompt is.
+- A finished request that had saves keeps its blocks until the workers report the saves copied
+  (:meth:`RequestPlanner.finished` says so), so a copy still running on a side stream never
+  reads blocks the engine has handed to another request.
 """
 
 from __future__ import annotations
@@ -41,13 +44,16 @@ class TransferSpec:
 class StepPlan:
     """What the workers do for kvtier in one engine step.
 
-    ``loads`` complete before the forward pass; ``async_loads`` run in the background for requests
-    the engine parks until the worker reports them finished.
+    ``loads`` complete before the forward pass (layer by layer on GPU); ``async_loads`` run in the
+    background for requests the engine parks until the worker reports them finished.
+    ``preempted``: the engine freed the blocks of preempted requests this step, so copies still
+    reading blocks must finish before the forward pass may overwrite them.
     """
 
     loads: list[TransferSpec] = field(default_factory=list)
     saves: list[TransferSpec] = field(default_factory=list)
     async_loads: list[TransferSpec] = field(default_factory=list)
+    preempted: bool = False
 
 
 @dataclass
@@ -57,6 +63,7 @@ class _Request:
     block_ids: list[int] = field(default_factory=list)
     saved_chunks: int = 0  # leading chunks the store holds or that were sent for saving
     load_tokens: int = 0  # external tokens granted at allocation, to load in the next step
+    save_planned: bool = False  # a save was sent to the workers: its blocks wait for the copy at finish
 
 
 class RequestPlanner:
@@ -124,9 +131,12 @@ class RequestPlanner:
         if self._save:
             self._plan_save(req_id, req, num_computed + num_scheduled, plan)
 
-    def finished(self, req_id: str) -> None:
-        self._requests.pop(req_id, None)
+    def finished(self, req_id: str) -> bool:
+        """Forget a finished request; True if the workers were sent saves for it (then the engine
+        must keep its blocks until a worker reports the request's saves finished)."""
+        req = self._requests.pop(req_id, None)
         self._held.pop(req_id, None)
+        return req is not None and req.save_planned
 
     def _plan_load(self, req_id: str, req: _Request, num_computed: int, plan: StepPlan) -> None:
         end = num_computed  # the engine counts granted tokens as computed
@@ -149,6 +159,7 @@ class RequestPlanner:
             plan.saves.append(TransferSpec(req_id, req.tokens[:end], list(req.block_ids), req.salt,
                                            req.saved_chunks, ready - req.saved_chunks))
             req.saved_chunks = ready
+            req.save_planned = True
 
 
 def chunk_slots(spec: TransferSpec, chunk_size: int, block_size: int, per_block: bool) -> list[torch.Tensor]:

@@ -7,12 +7,15 @@ YAML, e.g. ``"redis.url"``), or the same dict as ``LLM(kv_transfer_config=...)``
 installed, its ``vllm.general_plugins`` entry point registers the bare name ``KVTierConnector``.
 
 This file only translates vLLM's objects: planning is :class:`RequestPlanner`, moving bytes is
-:class:`ChunkStore` and the copy layer. Loads are synchronous, before the forward pass, or with
-``load_mode: async`` run on a loader thread while vLLM parks the request in
-WAITING_FOR_REMOTE_KVS and keeps serving others (worth it when a tier is slow); saves are
-gathered right after it (so blocks are never freed under a pending save) and written to the
-tiers by background threads; a ``kv_producer`` (the prefill side of a disaggregated deployment)
-waits until they have reached every tier, so the decoder finds them. Anything that goes wrong becomes a miss or a recompute: kvtier sets
+:class:`ChunkStore` and the copy layer, overlapping them with the forward pass is
+:mod:`.transfers`. Loads are fetched and checked before the forward pass and copied into the
+cache layer by layer (on GPU on a side stream, each layer awaited just before its attention), or
+with ``load_mode: async`` run on a loader thread while vLLM parks the request in
+WAITING_FOR_REMOTE_KVS and keeps serving others (worth it when a tier is slow). Saves are
+gathered after the forward pass (on GPU on a side stream; a finished request's blocks are kept
+until its gathers are done) and written to the tiers by background threads; a ``kv_producer``
+(the prefill side of a disaggregated deployment) waits until they have reached every tier, so the
+decoder finds them. Anything that goes wrong becomes a miss or a recompute: kvtier sets
 ``kv_load_failure_policy`` to ``"recompute"``, because a cache must never fail a request.
 """
 
@@ -39,9 +42,10 @@ from kvtier.config import KVTierConfig, load_config
 from kvtier.cuda_ext import PagedKV, make_copier
 
 from .chunk_store import ChunkStore, dtype_name
-from .keys import KeyNamespace
+from .keys import make_namespace
 from .planner import RequestPlanner, StepPlan, TransferSpec, chunk_slots
 from .store_registry import STORES
+from .transfers import ChunkLoad, CopyStreams, LayerwiseLoad, SaveTracker
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -141,18 +145,24 @@ class KVTierConnector(KVConnectorBase_V1):
             self._loader: ThreadPoolExecutor | None = None  # async loads, started on first use
             self._loading: dict[str, Future] = {}
             self._failed_lock = threading.Lock()
+            self._streams: CopyStreams | None = None
+            self._layer_load: LayerwiseLoad | None = None
+            self._retired_loads: list[LayerwiseLoad] = []
+            self._layer_index: dict[str, int] = {}
+            self._saves = SaveTracker()
 
     def _chunk_store(self, tp_rank: int, device: torch.device | str = "cpu") -> ChunkStore:
         parallel = self._vllm_config.parallel_config
         shape = self._shape
-        namespace = KeyNamespace(
+        namespace = make_namespace(  # MLA: one namespace for all TP ranks, as on the SGLang side
             model=self._config.model_id or self._vllm_config.model_config.model,
             kv_dtype="uint8" if shape.per_block else dtype_name(shape.dtype), layout=shape.format_id,
             num_layers=len(shape.layer_names), kv_heads=shape.kv_heads, head_dim=shape.head_size,
             tp_size=parallel.tensor_parallel_size, tp_rank=tp_rank, chunk_size=self._config.chunk_size,
             salt=self._config.namespace,
         )
-        return ChunkStore(self._store, namespace, make_copier(device))
+        copier = make_copier(device, max_sms=self._config.gpu.copy_sms, host_access=self._config.gpu.host_access)
+        return ChunkStore(self._store, namespace, copier)
 
     # -- scheduler side ---------------------------------------------------------------------------
 
@@ -185,11 +195,13 @@ class KVTierConnector(KVConnectorBase_V1):
             self._planner.scheduled(req_id, new_blocks[0] if new_blocks else [], req_id in cached.resumed_req_ids,
                                     cached.num_computed_tokens[i], scheduled.get(req_id, 0), plan)
         self._planner.take_async_loads(plan)
+        plan.preempted = bool(getattr(scheduler_output, "preempted_req_ids", None))
         return KVTierConnectorMetadata(plan)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._planner.finished(request.request_id)
-        return False, None  # saves were gathered in the step that computed them
+        # A request with saves keeps its blocks until the workers report the gathers done
+        # (get_finished), so a copy on a side stream never reads blocks handed to another request.
+        return self._planner.finished(request.request_id), None
 
     # -- worker side ------------------------------------------------------------------------------
 
@@ -200,33 +212,60 @@ class KVTierConnector(KVConnectorBase_V1):
         else:  # vLLM hands standardized [B, H, N, C] views whatever the physical layout
             self._paged = PagedKV.from_vllm(layers, "HND", self._shape.head_size, mla=self._shape.mla)
         self._chunks = self._chunk_store(_tp_rank(), layers[0].device)
+        self._streams = CopyStreams(layers[0].device)
+        self._layer_index = {name: i for i, name in enumerate(self._shape.layer_names)}
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        if kv_connector_metadata.plan.preempted:  # their blocks are free again: no gather may still read them
+            self._streams.finish_stores()
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         plan = self._get_connector_metadata().plan
-        for spec in plan.loads:
-            self._load(spec)
+        self._finish_layer_load()
+        fetched = [load for load in map(self._fetch, plan.loads) if load is not None]
+        self._layer_load = LayerwiseLoad(self._chunks.copier, self._paged, fetched, self._streams)
         for spec in plan.async_loads:  # parked requests: vLLM waits for get_finished to name them
             if self._loader is None:
                 self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
             self._loading[spec.req_id] = self._loader.submit(self._load, spec)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """Async loads that completed; their failed blocks were recorded before completion, so
+        """Finished requests whose saves are copied out (vLLM frees their blocks now), and async
+        loads that completed; their failed blocks were recorded before completion, so
         ``get_block_ids_with_load_errors`` reports them in this same pass."""
+        sent = self._saves.finished(finished_req_ids)
         done = {req_id for req_id, future in self._loading.items() if future.done()}
         for req_id in done:
             del self._loading[req_id]
-        return None, done or None
+        return sent or None, done or None
 
-    def _load(self, spec: TransferSpec) -> None:
+    def _load_args(self, spec: TransferSpec) -> tuple:
         size, block = self._config.chunk_size, self._shape.block_size
         skip = spec.skip_tokens // block if self._shape.per_block else spec.skip_tokens
+        return (spec.token_ids, self._paged, chunk_slots(spec, size, block, self._shape.per_block), spec.first_chunk,
+                spec.salt, skip)
+
+    def _fetch(self, spec: TransferSpec) -> ChunkLoad | None:
+        """A synchronous load's chunks, read and checked now; copied into the cache layer by layer."""
         try:
-            loaded = self._chunks.load(spec.token_ids, self._paged, chunk_slots(spec, size, block, self._shape.per_block),
-                                       spec.first_chunk, spec.salt, skip)
+            load = self._chunks.fetch(*self._load_args(spec))
+        except Exception:
+            log.exception("kvtier: loading %s failed; vLLM recomputes it", spec.req_id)
+            load = ChunkLoad([], [])
+        self._check_loaded(spec, len(load.payloads))
+        return load if load.payloads else None
+
+    def _load(self, spec: TransferSpec) -> None:
+        """An async load: fetch and copy at once, on the loader thread."""
+        try:
+            loaded = self._chunks.load(*self._load_args(spec))
         except Exception:
             log.exception("kvtier: loading %s failed; vLLM recomputes it", spec.req_id)
             loaded = 0
+        self._check_loaded(spec, loaded)
+
+    def _check_loaded(self, spec: TransferSpec, loaded: int) -> None:
+        size, block = self._config.chunk_size, self._shape.block_size
         if loaded < spec.num_chunks:
             first_bad = max((spec.first_chunk + loaded) * size, spec.first_chunk * size + spec.skip_tokens)
             with self._failed_lock:
@@ -235,25 +274,39 @@ class KVTierConnector(KVConnectorBase_V1):
                         spec.req_id, loaded, spec.num_chunks, first_bad)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv
+        if self._layer_load is not None:
+            self._layer_load.wait(self._layer_index.get(layer_name, len(self._layer_index) - 1))
+
+    def _finish_layer_load(self) -> None:
+        if self._layer_load is not None:
+            self._layer_load.finish()  # layers the forward pass did not ask for
+            # Kept until its copies are done: they read tier buffers (pinned views of the cpu tier)
+            # that must not be reused under them.
+            self._retired_loads = [ld for ld in self._retired_loads if not ld.copies_done()]
+            if not self._layer_load.copies_done():
+                self._retired_loads.append(self._layer_load)
+            self._layer_load = None
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
         return  # chunks are gathered for all layers at once in wait_for_save
 
     def wait_for_save(self) -> None:
+        self._finish_layer_load()
         if not self.has_connector_metadata():
             return
         size, block = self._config.chunk_size, self._shape.block_size
         saves = self._get_connector_metadata().plan.saves
-        for spec in saves:
-            try:
-                self._chunks.save(spec.token_ids, self._paged, chunk_slots(spec, size, block, self._shape.per_block),
-                                  spec.first_chunk, spec.salt)
-            except Exception:  # a failed save is a future miss, never a failed step
-                log.exception("kvtier: saving %s failed", spec.req_id)
+        with self._streams.storing():
+            for spec in saves:
+                try:
+                    self._chunks.save(spec.token_ids, self._paged,
+                                      chunk_slots(spec, size, block, self._shape.per_block), spec.first_chunk, spec.salt)
+                except Exception:  # a failed save is a future miss, never a failed step
+                    log.exception("kvtier: saving %s failed", spec.req_id)
+        self._saves.saving([spec.req_id for spec in saves], self._streams.store_done())
         if saves and self._durable_saves:
-            self._store.flush()  # bounded: every tier's operations have timeouts
+            self._chunks.flush()  # bounded: every tier's operations have timeouts
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._failed_lock:
@@ -265,6 +318,8 @@ class KVTierConnector(KVConnectorBase_V1):
             self._closed = True
             if getattr(self, "_loader", None) is not None:
                 self._loader.shutdown(wait=True)
+            if self._chunks is not None:
+                self._chunks.close()  # GPU saves still being encoded reach the tiers first
             STORES.release(self._config)
 
 

@@ -83,7 +83,11 @@ class CupyCopier(KVCopier):
         if not _chunks_contiguous(chunks):
             chunks = chunks.contiguous()  # on its own device: a pageable copy of pinned chunks is staged
         if chunks.device != paged.device and not self._direct(chunks):
-            chunks = chunks.to(paged.device, non_blocking=chunks.is_pinned())  # one DMA
+            staging = torch.empty(chunks.shape, dtype=chunks.dtype, device=paged.device)
+            layers = slice(planes.start // paged.kv_planes, -(-planes.stop // paged.kv_planes))
+            staging[:, layers].copy_(chunks[:, layers], non_blocking=chunks.is_pinned())  # one DMA, these layers only
+            self._launch("scatter", paged, slots, staging, planes)
+            return self._done(slots, chunks, staging)
         self._launch("scatter", paged, slots, chunks, planes)
         return self._done(slots, chunks)
 

@@ -79,9 +79,23 @@ def test_unknown_and_finished_requests_are_ignored() -> None:
     plan = StepPlan()
     planner.scheduled("ghost", [1], True, 0, 4, plan)
     planner.allocated("r", list(range(8)), "", 0)
-    planner.finished("r")
+    assert planner.finished("r") is False  # no save was sent: the engine frees its blocks at once
     planner.scheduled("r", [1, 2], True, 0, 8, plan)
     assert plan.loads == plan.saves == []
+    assert planner.finished("ghost") is False
+
+
+def test_finished_request_with_saves_keeps_its_blocks() -> None:
+    """Saves may still be copying on a side stream: the engine must wait for the workers."""
+    planner = _planner({})
+    planner.allocated("r", list(range(8)), "", 0)
+    planner.scheduled("r", [1], True, 0, 4, StepPlan())  # half a chunk computed: nothing saved yet
+    planner.allocated("s", list(range(8)), "", 0)
+    planner.scheduled("s", [1, 2], True, 0, 8, plan := StepPlan())
+    assert [spec.req_id for spec in plan.saves] == ["s"]
+    assert planner.finished("r") is False
+    assert planner.finished("s") is True
+    assert planner.finished("s") is False  # forgotten after the first answer
 
 
 def test_chunk_slots_for_token_and_block_layouts() -> None:
