@@ -21,6 +21,7 @@ from kvtier.connector.codec import (
     encode_chunk,
     encode_header,
 )
+from kvtier.connector.keys import FORMAT_VERSION
 
 KEY = "ab" * 32
 
@@ -76,7 +77,7 @@ def _with_header(fields: dict) -> bytes:
     return struct.pack("<4sIQ", MAGIC, len(head), xxhash.xxh3_64_intdigest(head)) + head + bytes(24)
 
 
-GOOD = {"v": 1, "key": KEY, "dtype": "float16", "shape": [2, 3, 2], "layout": "l", "model": "m",
+GOOD = {"v": FORMAT_VERSION, "key": KEY, "dtype": "float16", "shape": [2, 3, 2], "layout": "l", "model": "m",
         "tokens": 3, "nbytes": 24, "xxh3": 0}
 
 

@@ -1,4 +1,5 @@
-"""The prefix hash chain: deterministic, prefix-shaped, and sensitive to everything in the namespace."""
+"""Chunk keys: SGLang's token chain wrapped with the namespace; deterministic, prefix-shaped, and
+sensitive to everything in the namespace."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.connector.keys import KeyNamespace, chain_hash, chunk_keys, tokens_to_bytes
+from kvtier.connector.keys import (
+    KeyNamespace,
+    chain_hash,
+    chunk_keys,
+    page_key_digest,
+    storage_key,
+    token_chain,
+    tokens_to_bytes,
+)
 
 NS = KeyNamespace(model="tiny-llama", kv_dtype="float16", layout="vllm-nhd", num_layers=8, kv_heads=4,
                   head_dim=64, tp_size=1, tp_rank=0, chunk_size=4)
@@ -23,11 +32,34 @@ token_lists = st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=4
 
 def test_chain_matches_the_documented_formula() -> None:
     tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9]
-    h0 = hashlib.sha256(NS.digest() + np.array([1, 2, 3, 4], "<u4").tobytes()).digest()
-    h1 = hashlib.sha256(h0 + np.array([5, 6, 7, 8], "<u4").tobytes()).digest()
-    assert chunk_keys(NS.digest(), tokens, 4) == [h0.hex(), h1.hex()]
-    partial = hashlib.sha256(h1 + np.array([9], "<u4").tobytes()).hexdigest()
-    assert chunk_keys(NS.digest(), tokens, 4, include_partial=True) == [h0.hex(), h1.hex(), partial]
+    t0 = hashlib.sha256(np.array([1, 2, 3, 4], "<u4").tobytes()).digest()  # no seed: SGLang's chain
+    t1 = hashlib.sha256(t0 + np.array([5, 6, 7, 8], "<u4").tobytes()).digest()
+    t2 = hashlib.sha256(t1 + np.array([9], "<u4").tobytes()).digest()
+    ns = NS.digest()
+    k0, k1, k2 = (hashlib.sha256(ns + t).hexdigest() for t in (t0, t1, t2))
+    assert token_chain(tokens, 4, include_partial=True) == [t0, t1, t2]
+    assert chunk_keys(ns, tokens, 4) == [k0, k1]
+    assert chunk_keys(ns, tokens, 4, include_partial=True) == [k0, k1, k2]
+    assert storage_key(ns, page_key_digest(t1.hex())) == k1
+
+
+def test_keys_equal_the_namespace_over_sglangs_own_page_hashes() -> None:
+    """The real sglang function (its native extension): chunk_size == page_size gives SGLang's page keys."""
+    from sglang.srt.mem_cache.utils import get_hash_str
+
+    tokens = [7, 2**32 - 1, 0, 12345, *range(1000, 1021)]  # 25 tokens: 3 pages of 8 and a partial one
+    pages = get_hash_str(tokens, page_size=8)
+    assert [t.hex() for t in token_chain(tokens, 8, include_partial=True)] == pages
+    ns = NS.digest()
+    assert chunk_keys(ns, tokens, 8, include_partial=True) == [
+        hashlib.sha256(ns + bytes.fromhex(p)).hexdigest() for p in pages]
+    assert get_hash_str(tokens[8:16], prior_hash=pages[0]) == pages[1]  # the chain continues as SGLang's does
+
+
+def test_page_keys_that_are_not_sha256_hex_are_rejected() -> None:
+    for bad in ("", "ab", "zz" * 32, "a" * 63, "a" * 66, None):
+        with pytest.raises(ValueError):
+            page_key_digest(bad)
 
 
 @given(token_lists, token_lists)
@@ -57,7 +89,7 @@ def test_numpy_and_list_tokens_agree(tokens: list[int]) -> None:
 @pytest.mark.parametrize("field, value", [
     ("model", "other-model"), ("kv_dtype", "bfloat16"), ("kv_dtype", "float8_e4m3fn"), ("layout", "vllm-hnd"),
     ("num_layers", 9), ("kv_heads", 2), ("head_dim", 128), ("tp_size", 2), ("tp_rank", 0),
-    ("chunk_size", 8), ("format_version", 2), ("salt", "tenant-b"),
+    ("chunk_size", 8), ("format_version", 1), ("salt", "tenant-b"),
 ])
 def test_every_namespace_field_changes_the_keys(field: str, value: object) -> None:
     changed = dataclasses.replace(NS, **{field: value, **({"tp_size": 2, "tp_rank": 1} if field == "tp_rank" else {})})

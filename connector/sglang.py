@@ -1,0 +1,297 @@
+"""kvtier as an SGLang HiCache storage backend (SGLang 0.5.23, zero-copy v1 interface).
+
+Enable it with ``--enable-hierarchical-cache --hicache-storage-backend dynamic
+--hicache-storage-backend-extra-config '{"backend_name":"kvtier","module_path":"kvtier.connector.sglang",
+"class_name":"KVTierHiCacheStorage","interface_v1":1,"config":"kvtier.yaml"}'``. ``config`` names the
+kvtier YAML (else ``$KVTIER_CONFIG``, else the built-in tiers); the other keys that are not SGLang's
+own override it as on the vLLM side (``"redis.url"``, ``"chunk_size"``...). The process-wide
+:data:`STORES` entry gives the same tiers and metrics as the vLLM connector.
+
+Keys: SGLang hands the backend its page hashes ``t_i = sha256(t_{i-1} || page tokens as uint32)``
+(``get_hash_str``); kvtier's vLLM side computes the same chain over chunks of ``chunk_size`` tokens,
+and both store under ``sha256(namespace digest || t_i)``. So a page key is a chunk key only when
+kvtier's ``chunk_size`` equals SGLang's page size, which :meth:`register_mem_pool_host` enforces.
+
+SGLang's contract, read from its source: ``batch_exists`` returns the number of leading pages
+present; ``batch_get_v1`` / ``batch_set_v1`` return one bool per key (SGLang counts the leading
+True ones); ``host_indices`` holds ``page_size`` consecutive host-pool token slots per key. Every
+failure here becomes a miss or a False, never an exception into SGLang's storage threads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
+
+from kvtier.config import KVTierConfig, load_config
+from kvtier.cuda_ext import PagedKV, make_copier
+
+from .chunk_store import ChunkStore, dtype_name
+from .keys import make_namespace
+from .store_registry import STORES
+
+log = logging.getLogger(__name__)
+
+# Keys of the extra config that belong to SGLang (the dynamic-backend loader and the controller).
+_SGLANG_KEYS = frozenset({
+    "backend_name", "module_path", "class_name", "interface_v1", "tp_lcm_size", "prefetch_threshold",
+    "prefetch_timeout_base", "prefetch_timeout_per_ki_token", "hicache_storage_pass_prefix_keys",
+})
+_LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_head")
+
+
+@dataclass(frozen=True)
+class _Sharding:
+    """What kvtier needs of ``HiCacheStorageConfig``, read with defaults: its fields change between
+    SGLang versions."""
+
+    model: str | None
+    tp_size: int
+    tp_rank: int
+    mla: bool
+    writer: bool
+    extra_salt: str  # pipeline / context-parallel shards hold other bytes for the same tokens
+
+    @classmethod
+    def from_config(cls, cfg: HiCacheStorageConfig) -> _Sharding:
+        tp_size, tp_rank = int(getattr(cfg, "tp_size", 1) or 1), int(getattr(cfg, "tp_rank", 0) or 0)
+        mla = bool(getattr(cfg, "is_mla_model", False))
+        writer = getattr(cfg, "is_storage_writer", None)
+        if not isinstance(writer, bool):
+            writer = not mla or tp_rank == 0
+        parts = []
+        for name in ("pp", "attn_cp", "dcp"):
+            size = int(getattr(cfg, f"{name}_size", 1) or 1)
+            if size > 1:
+                parts.append(f"{name}{int(getattr(cfg, f'{name}_rank', 0) or 0)}/{size}")
+        return cls(getattr(cfg, "model_name", None), tp_size, tp_rank, mla, writer, ",".join(parts))
+
+
+class KVTierHiCacheStorage(HiCacheStorage):
+    """SGLang's L3 storage in kvtier's tiers, in the chunk format and keys the vLLM connector uses."""
+
+    def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict[str, Any] | None = None) -> None:
+        extra = {k: v for k, v in dict(getattr(storage_config, "extra_config", None) or {}).items()
+                 if k not in _SGLANG_KEYS}
+        self._config: KVTierConfig = load_config(extra.pop("config", None), overrides=extra)
+        self._sharding = _Sharding.from_config(storage_config)
+        self._model = self._config.model_id or self._sharding.model
+        if not self._model:
+            raise ValueError("kvtier: SGLang passed no model name; set model_id in the kvtier config")
+        self._store, _ = STORES.acquire(self._config)
+        self._closed = False
+        self.mem_pool_host: Any = None
+        self._paged: PagedKV | None = None
+        self._chunks: ChunkStore | None = None
+        self._page_size = 0
+        self._layout = ""
+
+    # -- host pool ---------------------------------------------------------------------------------
+
+    def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        """Build the zero-copy view of the host pool and the key namespace; refuses (one line, at
+        start-up) a page size other than ``chunk_size`` and pools whose bytes kvtier cannot name."""
+        page_size, layout = int(mem_pool_host.page_size), str(mem_pool_host.layout)
+        if page_size != self._config.chunk_size:
+            raise ValueError(f"kvtier chunk_size {self._config.chunk_size} must equal SGLang's page size {page_size} "
+                             f"(set chunk_size: {page_size} in the kvtier config, or --page-size "
+                             f"{self._config.chunk_size}): SGLang's page keys are kvtier's chunk keys")
+        if getattr(mem_pool_host, "storage_format_tag", None) is not None:
+            raise ValueError(f"kvtier: SGLang host pool {type(mem_pool_host).__name__} stores pages in its own "
+                             f"format ({mem_pool_host.storage_format_tag}); not supported")
+        if layout not in _LAYOUTS:
+            raise ValueError(f"kvtier: SGLang host layout {layout!r} is not supported; use one of {list(_LAYOUTS)}")
+        v_dim = getattr(mem_pool_host, "v_head_dim", None)
+        if v_dim is not None and v_dim != getattr(mem_pool_host, "head_dim", v_dim):
+            raise ValueError(f"kvtier: K head dim {mem_pool_host.head_dim} != V head dim {v_dim}; not supported")
+        buffer = getattr(mem_pool_host, "kv_buffer", None)
+        if not isinstance(buffer, torch.Tensor):
+            raise ValueError(f"kvtier: SGLang host pool {type(mem_pool_host).__name__} has no single kv_buffer")
+        paged = _paged_view(buffer, layout, page_size, self._sharding.mla)
+        shard = self._sharding
+        salt = "\x00".join(s for s in (self._config.namespace, shard.extra_salt) if s)
+        namespace = make_namespace(model=self._model, kv_dtype=dtype_name(paged.dtype), layout=paged.format_id,
+                                   num_layers=paged.num_layers, kv_heads=paged.heads, head_dim=paged.dim,
+                                   tp_size=shard.tp_size, tp_rank=shard.tp_rank, chunk_size=page_size, salt=salt)
+        self.mem_pool_host = mem_pool_host
+        self._paged, self._page_size, self._layout = paged, page_size, layout
+        self._chunks = ChunkStore(self._store, namespace, make_copier("cpu"))
+
+    # -- zero-copy v1 interface --------------------------------------------------------------------
+
+    def batch_exists(self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None) -> int:
+        """How many leading pages of ``keys`` the tiers hold."""
+        try:
+            return self._chunks.lookup_keys(self._storage_keys(keys)) if self._chunks else 0
+        except Exception:
+            log.exception("kvtier: batch_exists failed; treating as a miss")
+            return 0
+
+    def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor,
+                     extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
+        """Load the leading pages found into their host slots: True for those, False from the first
+        miss on (the pages after a miss are useless to a prefix cache)."""
+        try:
+            slots = self._page_slots(keys, host_indices)
+            storage_keys = self._storage_keys(keys)
+            loaded = self._chunks.load_keys(storage_keys, self._paged, slots[: len(storage_keys)],
+                                            [self._page_size] * len(storage_keys))
+        except Exception:
+            log.exception("kvtier: batch_get_v1 of %d pages failed; treating as misses", len(keys))
+            loaded = 0
+        return [True] * loaded + [False] * (len(keys) - loaded)
+
+    def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor,
+                     extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
+        """Gather the pages from the host pool and store them (the top tier now, lower tiers in the
+        background); True for the pages the top tier took. MLA pages are written by one rank."""
+        if not self._sharding.writer:
+            return [True] * len(keys)  # replicated latent cache: the writer rank stores the same bytes
+        try:
+            slots = self._page_slots(keys, host_indices)
+            storage_keys = self._storage_keys(keys)
+            stored = self._chunks.save_keys(storage_keys, self._paged, slots[: len(storage_keys)],
+                                            [self._page_size] * len(storage_keys), wait=True)
+        except Exception:
+            log.exception("kvtier: batch_set_v1 of %d pages failed; not stored", len(keys))
+            stored = 0
+        return [True] * stored + [False] * (len(keys) - stored)
+
+    # -- generic interface (SGLang uses it without "interface_v1"): one flat host page per key -----
+
+    def get(self, key: str, target_location: torch.Tensor | None = None,
+            target_sizes: Any | None = None) -> torch.Tensor | None:
+        found = self.batch_get([key], [target_location])
+        return found[0] if found else None
+
+    def batch_get(self, keys: list[str], target_locations: Sequence[torch.Tensor] | None = None,
+                  target_sizes: Any | None = None) -> list[torch.Tensor | None]:
+        """Fill each flat page tensor (``get_dummy_flat_data_page`` shaped) with its chunk."""
+        out: list[torch.Tensor | None] = [None] * len(keys)
+        if not target_locations or self._chunks is None:
+            return out
+        try:
+            for i, (key, page) in enumerate(zip(self._storage_keys(keys), target_locations)):
+                if self._chunks.load_keys([key], self._page_tensor_view(page), [self._page_range()],
+                                          [self._page_size]) != 1:
+                    break
+                out[i] = page
+        except Exception:
+            log.exception("kvtier: batch_get of %d pages failed; treating as misses", len(keys))
+        return out
+
+    def set(self, key: str, value: Any | None = None, target_location: Any | None = None,
+            target_sizes: Any | None = None) -> bool:
+        return self.batch_set([key], [value])
+
+    def batch_set(self, keys: list[str], values: Any | None = None, target_locations: Any | None = None,
+                  target_sizes: Any | None = None) -> bool:
+        """Store flat page tensors (``get_data_page(..., flat=True)``); True if all were stored."""
+        if not self._sharding.writer:
+            return True
+        if values is None or self._chunks is None or len(values) != len(keys):
+            return False
+        try:
+            storage_keys = self._storage_keys(keys)
+            if len(storage_keys) != len(keys):
+                return False
+            stored = sum(self._chunks.save_keys([key], self._page_tensor_view(page), [self._page_range()],
+                                                [self._page_size], wait=True)
+                         for key, page in zip(storage_keys, values))
+            return stored == len(keys)
+        except Exception:
+            log.exception("kvtier: batch_set of %d pages failed; not stored", len(keys))
+            return False
+
+    def exists(self, key: str) -> bool:
+        return self.batch_exists([key]) == 1
+
+    def clear(self) -> bool:
+        """Refused: the tiers may be shared with other engines and instances (clear a namespace by
+        changing ``namespace`` in the kvtier config, or delete the tiers' data)."""
+        log.warning("kvtier: clear() ignored: the store may be shared with other engines")
+        return False
+
+    def get_stats(self) -> None:
+        return None  # kvtier exports its own per-tier Prometheus metrics
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            STORES.release(self._config)
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _storage_keys(self, page_keys: Sequence[str]) -> list[str]:
+        """Storage keys of the leading well-formed page keys (a malformed one ends the prefix)."""
+        out: list[str] = []
+        for key in page_keys:
+            try:
+                out.extend(self._chunks.keys_from_chain([key]))
+            except ValueError:
+                log.warning("kvtier: page key %r is not a sha256 hex digest; treating it as a miss", key)
+                break
+        return out
+
+    def _page_slots(self, keys: Sequence[str], host_indices: torch.Tensor) -> list[torch.Tensor]:
+        if self._chunks is None:
+            raise RuntimeError("no host pool registered")
+        indices = torch.as_tensor(host_indices).to(device="cpu", dtype=torch.int64).reshape(-1)
+        if indices.numel() != len(keys) * self._page_size:
+            raise ValueError(f"{indices.numel()} host indices for {len(keys)} pages of {self._page_size}")
+        return list(indices.view(len(keys), self._page_size)) if keys else []
+
+    def _page_range(self) -> torch.Tensor:
+        return torch.arange(self._page_size, dtype=torch.int64)
+
+    def _page_tensor_view(self, flat: torch.Tensor) -> PagedKV:
+        """A one-page tensor in the host pool's layout, as the pool's own view of one page."""
+        pool_shape = tuple(self.mem_pool_host.kv_buffer.shape)
+        return _paged_view(flat.reshape(_one_page_shape(pool_shape, self._layout, self._page_size,
+                                                        self._sharding.mla)),
+                           self._layout, self._page_size, self._sharding.mla)
+
+
+def _one_page_shape(shape: tuple[int, ...], layout: str, page_size: int, mla: bool) -> tuple[int, ...]:
+    """The pool buffer's shape with its token (or page) dimension cut to one page."""
+    token_dim = {"layer_first": 1, "page_first": 0}.get(layout)
+    if token_dim is not None:
+        dim = token_dim + (0 if mla else 1)
+        return (*shape[:dim], page_size, *shape[dim + 1:])
+    dim = 0 if mla else 1  # page_first_direct / page_head: a page dimension
+    return (*shape[:dim], 1, *shape[dim + 1:])
+
+
+def _paged_view(buffer: torch.Tensor, layout: str, page_size: int, mla: bool) -> PagedKV:
+    """SGLang's host layouts as :class:`PagedKV` views (no copy); a token slot is a host index.
+
+    MHA: layer_first ``(2, L, T, H, D)``, page_first ``(2, T, L, H, D)``, page_first_direct
+    ``(2, P, L, page, H, D)``, page_head ``(2, P, H, page, L, D)``. MLA drops the leading 2 and has
+    one head: ``(L, T, 1, D)``, ``(T, L, 1, D)``, ``(P, L, page, 1, D)``.
+    """
+    want = {"layer_first": 5, "page_first": 5, "page_first_direct": 6, "page_head": 6}[layout] - (1 if mla else 0)
+    if buffer.dim() != want or (not mla and buffer.shape[0] != 2):
+        kind = "MLA" if mla else "MHA"
+        raise ValueError(f"kvtier: SGLang {kind} host buffer of layout {layout} has shape {tuple(buffer.shape)}")
+    if layout == "layer_first":
+        if mla:
+            return PagedKV.from_sglang_layer_first(list(buffer), None, page_size)
+        return PagedKV.from_sglang_layer_first(list(buffer[0]), list(buffer[1]), page_size)
+    if layout == "page_first":
+        return PagedKV.from_sglang_page_first(buffer, page_size)
+    if layout == "page_first_direct":
+        if mla:
+            return PagedKV([buffer[:, i] for i in range(buffer.shape[1])], None, "sglang-page-first-direct-mla")
+        layers = range(buffer.shape[2])
+        return PagedKV([buffer[0, :, i] for i in layers], [buffer[1, :, i] for i in layers],
+                       "sglang-page-first-direct")
+    if mla:
+        raise ValueError("kvtier: SGLang MLA host pools have no page_head layout")
+    layers = range(buffer.shape[4])
+    return PagedKV([buffer[0, :, :, :, i].transpose(1, 2) for i in layers],
+                   [buffer[1, :, :, :, i].transpose(1, 2) for i in layers], "sglang-page-head")
