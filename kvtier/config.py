@@ -53,6 +53,7 @@ class CpuTier(_Strict):
     name: str = "cpu"
     max_bytes: ByteSize = 2 * 2**30
     slot_bytes: ByteSize = 2**20
+    pinned: Literal["auto", "always", "never"] = "auto"  # page-locked pool; auto: when CUDA is present
 
     _sizes = field_validator("max_bytes", "slot_bytes", mode="before")(lambda v: parse_byte_size(v))
 
@@ -80,11 +81,12 @@ class DiskTier(_Strict):
 
 
 class RedisTier(_Strict):
-    """A Redis server: one key per chunk, optional TTL; ``rediss://`` for TLS, AUTH in the URL."""
+    """A Redis server, or a Redis Cluster with ``redis+cluster://host:port[,host:port...]``: one key per
+    chunk, optional TTL; ``rediss://`` / ``rediss+cluster://`` for TLS, AUTH in the URL."""
 
     type: Literal["redis"]
     name: str = "redis"
-    url: str = Field(pattern=r"^rediss?://")
+    url: str
     key_prefix: str = "kvtier:"
     ttl_seconds: int | None = Field(default=None, gt=0)
     connect_timeout_s: float = Field(default=1.0, gt=0, le=60)
@@ -92,8 +94,39 @@ class RedisTier(_Strict):
     retry_interval_s: float = Field(default=1.0, ge=0, le=3600)
     max_connections: int = Field(default=16, ge=1, le=1024)
 
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not re.match(r"^rediss?(\+cluster)?://", v):
+            raise ValueError("must match rediss?:// (one server) or rediss?+cluster://host:port[,host:port...] "
+                             "(Redis Cluster)")
+        return v
+
+    @model_validator(mode="after")
+    def _cluster_url(self) -> RedisTier:
+        """Checked here, not on the field, so that the message shows the URL with its password masked."""
+        if "+cluster://" not in self.url:
+            return self
+        from kvtier.storage_backends.redis_cluster import parse_cluster_url
+
+        try:
+            parse_cluster_url(self.url)
+        except ValueError as exc:
+            raise ValueError(f"url: {exc}") from None
+        if "{" in self.key_prefix or "}" in self.key_prefix:
+            raise ValueError(f"key_prefix {self.key_prefix!r} must not contain braces with Redis Cluster "
+                             "(a hash tag would put every chunk into one slot)")
+        return self
+
 
 TierConfig = Annotated[CpuTier | DiskTier | RedisTier, Field(discriminator="type")]
+
+
+class GpuConfig(_Strict):
+    """The CUDA copy layer (ignored on CPU engines)."""
+
+    copy_sms: int = Field(default=16, ge=1, le=1024)  # SMs the copy kernels may occupy beside the forward pass
+    host_access: Literal["direct", "staged"] = "direct"  # kernels on pinned host memory, or device staging + DMA
 
 
 class MetricsConfig(_Strict):
@@ -114,6 +147,7 @@ class KVTierConfig(_Strict):
     model_id: str | None = None  # names the model in keys; default: the engine's model name or path
     max_pending_writes: int = Field(default=64, ge=1, le=1 << 16)  # batches queued for lower tiers
     metrics: MetricsConfig = MetricsConfig()
+    gpu: GpuConfig = GpuConfig()
 
     @model_validator(mode="after")
     def _unique_tier_names(self) -> KVTierConfig:
@@ -138,6 +172,8 @@ def _model_at(loc: tuple) -> type[BaseModel]:
         return _TIER_MODELS[loc[2]]
     if loc[:1] == ("metrics",):
         return MetricsConfig
+    if loc[:1] == ("gpu",):
+        return GpuConfig
     return KVTierConfig
 
 
@@ -167,7 +203,7 @@ def _format_error(err: ValidationError) -> str:
 def _set_path(data: dict, dotted: str, value: Any) -> None:
     """Set ``a.b.c`` in nested dicts; a tier is addressed by its name (``redis.url``)."""
     parts = dotted.split(".")
-    if len(parts) > 1 and parts[0] not in ("metrics",):
+    if len(parts) > 1 and parts[0] not in ("metrics", "gpu"):
         tiers = data.get("tiers") or []
         tier = next((t for t in tiers if isinstance(t, dict) and t.get("name", t.get("type")) == parts[0]), None)
         if tier is None:

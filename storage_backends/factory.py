@@ -14,20 +14,33 @@ def build_tier(cfg: TierConfig, metric_set: MetricSet) -> StorageBackend:
     if isinstance(cfg, CpuTier):
         from .cpu_backend import CpuBackend
 
-        return CpuBackend(cfg.max_bytes, cfg.slot_bytes, name=cfg.name, metrics=metrics)
+        return CpuBackend(cfg.max_bytes, cfg.slot_bytes, name=cfg.name, metrics=metrics, pool=_cpu_pool(cfg))
     if isinstance(cfg, DiskTier):
         from .disk_backend import DiskBackend
 
         return DiskBackend(cfg.path, cfg.max_bytes, name=cfg.name, metrics=metrics)
     if isinstance(cfg, RedisTier):
         from .redis_backend import RedisBackend
+        from .redis_cluster import RedisClusterBackend, is_cluster_url
 
-        return RedisBackend(
+        backend = RedisClusterBackend if is_cluster_url(cfg.url) else RedisBackend
+        return backend(
             cfg.url, name=cfg.name, metrics=metrics, key_prefix=cfg.key_prefix, ttl_seconds=cfg.ttl_seconds,
             connect_timeout_s=cfg.connect_timeout_s, op_timeout_s=cfg.op_timeout_s,
             retry_interval_s=cfg.retry_interval_s, max_connections=cfg.max_connections,
         )
     raise TypeError(f"unknown tier config {type(cfg).__name__}")
+
+
+def _cpu_pool(cfg: CpuTier):  # -> np.ndarray | None
+    """A pinned pool when CUDA is present (``pinned: auto``) or demanded (``always``)."""
+    if cfg.pinned == "never":
+        return None
+    from kvtier.cuda_ext.pinned import pinned_available, pinned_pool
+
+    if cfg.pinned == "auto" and not pinned_available():
+        return None
+    return pinned_pool(cfg.max_bytes // cfg.slot_bytes, cfg.slot_bytes)  # "always" without CUDA: a clear error
 
 
 def build_store(config: KVTierConfig, metric_set: MetricSet | None = None) -> TieredStore:

@@ -227,11 +227,16 @@ def _header_end(head: bytes) -> int:
 def summarize_redis(url: str, key_prefix: str = "kvtier:", *, connect_timeout_s: float = 2.0) -> StoreSummary:
     """What a Redis namespace holds, reading only headers (``GETRANGE``) and sizes (``STRLEN``).
 
-    For ``kvtier inspect``: unlike the tier, it raises ``ConnectionError`` (URL masked) when
-    Redis cannot be reached. ``bytes`` counts every string value under the prefix, as the disk
-    summary counts every file; ``chunks`` and the per-model counts only valid chunks. A key that
-    SCAN reports twice (possible while Redis rehashes) is counted twice.
+    For ``kvtier inspect`` (a ``redis+cluster://`` URL reads every master): unlike the tier, it
+    raises ``ConnectionError`` (URL masked) when Redis cannot be reached. ``bytes`` counts every
+    string value under the prefix, as the disk summary counts every file; ``chunks`` and the
+    per-model counts only valid chunks. A key that SCAN reports twice (possible while Redis
+    rehashes) is counted twice.
     """
+    if url.partition("://")[0].lower().endswith("+cluster"):
+        from .redis_cluster import summarize_cluster
+
+        return summarize_cluster(url, key_prefix, connect_timeout_s)
     summary = StoreSummary(location=f"{mask_url(url)} prefix {key_prefix!r}")
     client = _client(url, connect_timeout_s, max(connect_timeout_s, 5.0), max_connections=1)
     pattern = re.sub(r"([*?\[\]\\])", r"\\\1", key_prefix) + "*"  # the prefix's glob characters are literal
