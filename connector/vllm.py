@@ -297,8 +297,10 @@ class KVTierConnector(KVConnectorBase_V1):
             return
         size, block = self._config.chunk_size, self._shape.block_size
         saves = self._get_connector_metadata().plan.saves
+        # MLA: every TP rank holds the same latent KV under the same keys; rank 0 alone writes it.
+        writer = not self._shape.mla or _tp_rank() == 0
         with self._streams.storing():
-            for spec in saves:
+            for spec in saves if writer else ():
                 try:
                     self._chunks.save(spec.token_ids, self._paged,
                                       chunk_slots(spec, size, block, self._shape.per_block), spec.first_chunk, spec.salt)
