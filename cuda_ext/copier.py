@@ -161,7 +161,11 @@ def check_slots(paged: PagedKV, slots: torch.Tensor) -> torch.Tensor:
                 f"slot {bad} out of range [0, {paged.num_slots}) "
                 f"({paged.num_blocks} blocks x {paged.block_size} slots)"
             )
-    return slots.to(device=paged.device, dtype=torch.int64).contiguous()
+    slots = slots.to(dtype=torch.int64).contiguous()
+    if paged.device.type == "cuda" and slots.device.type == "cpu":
+        # through pinned memory: a pageable copy would make the host wait for the whole stream
+        return slots.pin_memory().to(paged.device, non_blocking=True)
+    return slots.to(paged.device)
 
 
 def _check_batch(t: torch.Tensor, shape: tuple[int, ...], paged: PagedKV, name: str) -> None:

@@ -64,7 +64,7 @@ class CupyCopier(KVCopier):
         self.host_access = host_access
         self._module = None
         self._lock = threading.Lock()
-        self._tables: weakref.WeakKeyDictionary[PagedKV, torch.Tensor] = weakref.WeakKeyDictionary()
+        self._tables: weakref.WeakKeyDictionary[PagedKV, tuple[torch.Tensor, torch.Tensor]] = weakref.WeakKeyDictionary()
 
     # -- KVCopier ------------------------------------------------------------------------------
     def _gather(self, paged: PagedKV, slots: torch.Tensor, out: torch.Tensor, planes: range) -> CopyDone:
@@ -102,18 +102,23 @@ class CupyCopier(KVCopier):
     def _launch(self, op: str, paged: PagedKV, slots: torch.Tensor, chunks: torch.Tensor, planes: range) -> None:
         import cupy
 
-        launch = plan_copy(op, paged, self._table(paged), slots, chunks, planes, self.max_sms * BLOCKS_PER_SM)
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
-        with cupy.cuda.Device(self.device.index):
-            self._function(launch.kernel)((launch.grid,), (launch.block,), _kernel_args(launch), stream=stream)
+        host_table, table = self._tables_of(paged)
+        launch = plan_copy(op, paged, table, slots, chunks, planes, self.max_sms * BLOCKS_PER_SM, host_table)
+        kernel = self._function(launch.kernel)
+        # CuPy launches on its current stream: make it the caller's current torch stream.
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream, self.device.index)
+        with cupy.cuda.Device(self.device.index), stream:
+            kernel((launch.grid,), (launch.block,), _kernel_args(launch))
 
-    def _table(self, paged: PagedKV) -> torch.Tensor:
-        """The device copy of the plane table, built once per cache (the cache never moves)."""
+    def _tables_of(self, paged: PagedKV) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plane table on the host (for planning, no device sync) and on the device (for the
+        kernel), built once per cache (the cache never moves)."""
         with self._lock:
-            table = self._tables.get(paged)
-            if table is None:
-                table = self._tables[paged] = plane_table(paged).to(self.device)
-            return table
+            tables = self._tables.get(paged)
+            if tables is None:
+                host = plane_table(paged)
+                tables = self._tables[paged] = (host, host.to(self.device))
+            return tables
 
     def _function(self, name: str):  # -> cupy.RawKernel
         import cupy

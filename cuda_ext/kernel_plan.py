@@ -69,12 +69,13 @@ class CopyLaunch:
 
 
 def plan_copy(op: str, paged: PagedKV, table: torch.Tensor, slots: torch.Tensor, chunks: torch.Tensor,
-              planes: range, max_blocks: int) -> CopyLaunch:
+              planes: range, max_blocks: int, host_table: torch.Tensor | None = None) -> CopyLaunch:
     """Arguments for ``op`` ("gather" or "scatter") of ``chunks`` ``[n, L, P, T, H, D]`` over ``planes``.
 
-    ``table`` is :func:`plane_table` of ``paged`` (on the kernel's device), ``slots`` a contiguous
-    int64 ``[n, T]`` on that device; each ``chunks[i]`` must be contiguous. ``max_blocks`` caps the
-    grid (the SM cap); the kernel's grid-stride loop covers every token whatever the grid.
+    ``table`` is :func:`plane_table` of ``paged`` on the kernel's device (``host_table``: the same
+    on the host, read for the alignment so that planning never waits for the device), ``slots`` a
+    contiguous int64 ``[n, T]`` on that device; each ``chunks[i]`` must be contiguous.
+    ``max_blocks`` caps the grid (the SM cap); the kernel's grid-stride loop covers every token.
     """
     if op not in ("gather", "scatter"):
         raise ValueError(f"op must be 'gather' or 'scatter', got {op!r}")
@@ -84,7 +85,8 @@ def plan_copy(op: str, paged: PagedKV, table: torch.Tensor, slots: torch.Tensor,
     chunk_stride = chunks.stride(0) * item if n > 1 else chunks[0].numel() * item
     if not planes or planes.step != 1 or planes.start < 0 or planes.stop > paged.num_layers * paged.kv_planes:
         raise ValueError(f"plane range {planes} not within [0, {paged.num_layers * paged.kv_planes})")
-    word = _word_size([row_bytes, chunk_stride, chunks.data_ptr(), *table[planes.start:planes.stop].reshape(-1).tolist()])
+    rows = (table if host_table is None else host_table)[planes.start : planes.stop]
+    word = _word_size([row_bytes, chunk_stride, chunks.data_ptr(), *rows.reshape(-1).tolist()])
     return CopyLaunch(
         kernel=f"kvt_{op}_{word}", grid=max(1, min(n * t, max_blocks)), block=THREADS_PER_BLOCK,
         table_ptr=table.data_ptr(), slots_ptr=slots.data_ptr(), chunks_ptr=chunks.data_ptr(),
