@@ -88,20 +88,22 @@ class LayerwiseLoad:
     def __init__(self, copier: KVCopier, paged: PagedKV, loads: Sequence[ChunkLoad], streams: CopyStreams) -> None:
         self._copier = copier
         self._paged = paged
-        self._items = [(p, s) for load in loads for p, s in zip(load.payloads, load.slots)]
+        payloads = [p for load in loads for p in load.payloads]
+        slots = [s for load in loads for s in load.slots]
+        self._batch = copier.prepare_scatter(payloads, paged, slots) if payloads else None
         self._next = 0  # first layer not yet copied (CPU) or not yet awaited (GPU)
         self._done: list[CopyDone] = []
-        if streams.cuda and self._items:
+        if streams.cuda and self._batch is not None:
             with streams.loading():
                 self._done = [self._scatter(layer) for layer in range(paged.num_layers)]
 
     @property
     def empty(self) -> bool:
-        return not self._items
+        return self._batch is None
 
     def wait(self, layer: int) -> None:
         """Layer ``layer`` (and every layer before it) is in the cache for whatever runs next."""
-        while self._next <= min(layer, self._paged.num_layers - 1) and self._items:
+        while self._next <= min(layer, self._paged.num_layers - 1) and self._batch is not None:
             if self._done:
                 self._done[self._next].wait_on_current_stream()
             else:
@@ -117,10 +119,7 @@ class LayerwiseLoad:
         return all(done.query() for done in self._done)
 
     def _scatter(self, layer: int) -> CopyDone:
-        done = CopyDone()
-        for payload, slots in self._items:
-            done = self._copier.scatter_async(payload[None], self._paged, slots[None], layers=range(layer, layer + 1))
-        return done  # one stream: the last launch completing means the layer is complete
+        return self._copier.scatter_batch_async(self._batch, layers=range(layer, layer + 1))  # one launch on GPU
 
 
 class SaveTracker:

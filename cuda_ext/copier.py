@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -49,6 +51,19 @@ class CudaCopyDone(CopyDone):
 
     def wait_on_current_stream(self) -> None:
         torch.cuda.current_stream().wait_event(self._event)
+
+
+@dataclass(eq=False)
+class ScatterBatch:
+    """Chunks and their slots, checked once for several scatters (see :meth:`KVCopier.prepare_scatter`).
+
+    ``prepared`` is an implementation's own form of the batch (device tables), built on first use.
+    """
+
+    paged: PagedKV
+    chunks: list[torch.Tensor]
+    slots: list[torch.Tensor]
+    prepared: object = None
 
 
 class KVCopier(ABC):
@@ -102,6 +117,36 @@ class KVCopier(ABC):
         if not slots.numel() or not planes:
             return CopyDone()
         return self._scatter(chunks, paged, slots, planes)
+
+    def prepare_scatter(self, chunks: Sequence[torch.Tensor], paged: PagedKV,
+                        slots: Sequence[torch.Tensor]) -> ScatterBatch:
+        """Check once a list of chunks ``[layers, planes, tokens_i, heads, dim]`` (anywhere in
+        memory, any token counts) and their slot lists, for :meth:`scatter_batch_async` calls
+        (one per layer for a layer-by-layer load). The chunks must stay unchanged until then."""
+        if len(chunks) != len(slots):
+            raise ValueError(f"{len(chunks)} chunks but {len(slots)} slot lists")
+        checked = []
+        for i, (chunk, chunk_slots) in enumerate(zip(chunks, slots)):
+            if not isinstance(chunk_slots, torch.Tensor) or chunk_slots.dim() != 1:
+                raise ValueError(f"slots[{i}] must be a 1-D tensor of token slots")
+            checked.append(check_slots(paged, chunk_slots[None])[0])
+            _check_batch(chunk[None], (1, *paged.chunk_shape(len(chunk_slots))), paged, f"chunks[{i}]")
+        return ScatterBatch(paged, list(chunks), checked)
+
+    def scatter_batch_async(self, batch: ScatterBatch, *, layers: range | None = None) -> CopyDone:
+        """Scatter a prepared batch (``layers`` of it), one launch for all its chunks on GPU."""
+        planes = _plane_range(batch.paged, layers)
+        if not batch.chunks or not planes:
+            return CopyDone()
+        return self._scatter_batch(batch, planes)
+
+    def _scatter_batch(self, batch: ScatterBatch, planes: range) -> CopyDone:
+        """One copy per chunk; implementations that can do one launch for the batch override this."""
+        done = CopyDone()
+        for chunk, chunk_slots in zip(batch.chunks, batch.slots):
+            if chunk_slots.numel():
+                done = self._scatter(chunk[None], batch.paged, chunk_slots[None], planes)
+        return done  # one stream: the last copy completing means all are complete
 
     @abstractmethod
     def _gather(self, paged: PagedKV, slots: torch.Tensor, out: torch.Tensor, planes: range) -> CopyDone:

@@ -26,8 +26,16 @@ import weakref
 import numpy as np
 import torch
 
-from .copier import CopyDone, CudaCopyDone, KVCopier
-from .kernel_plan import BLOCKS_PER_SM, CopyLaunch, kernel_source, plan_copy, plane_table
+from .copier import CopyDone, CudaCopyDone, KVCopier, ScatterBatch
+from .kernel_plan import (
+    BLOCKS_PER_SM,
+    CopyLaunch,
+    batch_chunk_ptrs,
+    kernel_source,
+    plan_copy,
+    plane_table,
+    token_rows,
+)
 from .paged_kv import PagedKV
 
 HOST_ACCESS = ("direct", "staged")
@@ -70,10 +78,10 @@ class CupyCopier(KVCopier):
     def _gather(self, paged: PagedKV, slots: torch.Tensor, out: torch.Tensor, planes: range) -> CopyDone:
         self._check_device(paged)
         if out.device == paged.device or self._direct(out):
-            self._launch("gather", paged, slots, out, planes)
+            self._launch_batch("gather", paged, slots, out, planes)
             return self._done(slots, out)
         staging = torch.empty(out.shape, dtype=out.dtype, device=paged.device)
-        self._launch("gather", paged, slots, staging, planes)
+        self._launch_batch("gather", paged, slots, staging, planes)
         layers = slice(planes.start // paged.kv_planes, -(-planes.stop // paged.kv_planes))
         out[:, layers].copy_(staging[:, layers], non_blocking=out.is_pinned())  # one DMA
         return self._done(slots, out, staging)
@@ -86,10 +94,43 @@ class CupyCopier(KVCopier):
             staging = torch.empty(chunks.shape, dtype=chunks.dtype, device=paged.device)
             layers = slice(planes.start // paged.kv_planes, -(-planes.stop // paged.kv_planes))
             staging[:, layers].copy_(chunks[:, layers], non_blocking=chunks.is_pinned())  # one DMA, these layers only
-            self._launch("scatter", paged, slots, staging, planes)
+            self._launch_batch("scatter", paged, slots, staging, planes)
             return self._done(slots, chunks, staging)
-        self._launch("scatter", paged, slots, chunks, planes)
+        self._launch_batch("scatter", paged, slots, chunks, planes)
         return self._done(slots, chunks)
+
+    def _scatter_batch(self, batch: ScatterBatch, planes: range) -> CopyDone:
+        """One launch for every chunk of the batch, wherever each lies: on first use the chunks
+        are made reachable by the kernel (pinned, or on the device for ``staged``) and the slot and
+        token-row tables are moved to the device once, for all the layer-by-layer calls."""
+        if batch.prepared is None:
+            batch.prepared = self._prepare(batch)
+        slots, rows, ptrs, keep = batch.prepared
+        self._launch("scatter", batch.paged, slots, rows, ptrs, planes)
+        return self._done(slots, rows, *keep)
+
+    def _prepare(self, batch: ScatterBatch) -> tuple[torch.Tensor, torch.Tensor, list[int], list[torch.Tensor]]:
+        paged = batch.paged
+        self._check_device(paged)
+        chunks = []
+        for chunk in batch.chunks:
+            chunk = chunk if chunk.is_contiguous() else chunk.contiguous()
+            if chunk.device != paged.device and not self._direct(chunk):
+                pinned = chunk if chunk.is_pinned() else chunk.pin_memory()
+                chunk = pinned.to(paged.device, non_blocking=True) if self.host_access == "staged" else pinned
+            chunks.append(chunk)
+        row_bytes = paged.dim * paged.keys[0].element_size()
+        ptrs = [c.data_ptr() for c in chunks]
+        rows = token_rows(ptrs, [len(s) for s in batch.slots], paged.heads, row_bytes)
+        slots = torch.cat(batch.slots)  # on the device already (prepare_scatter checked them)
+        return slots, _to_device(rows, self.device), ptrs, chunks
+
+    def _launch_batch(self, op: str, paged: PagedKV, slots: torch.Tensor, chunks: torch.Tensor, planes: range) -> None:
+        """A ``[n, L, P, T, H, D]`` batch (each chunk contiguous) against ``[n, T]`` slots."""
+        row_bytes = paged.dim * paged.keys[0].element_size()
+        ptrs = batch_chunk_ptrs(chunks)
+        rows = token_rows(ptrs, [slots.shape[1]] * slots.shape[0], paged.heads, row_bytes)
+        self._launch(op, paged, slots.reshape(-1), _to_device(rows, self.device), ptrs, planes)
 
     # -- internals -----------------------------------------------------------------------------
     def _direct(self, host: torch.Tensor) -> bool:
@@ -99,11 +140,12 @@ class CupyCopier(KVCopier):
         if paged.device != self.device:
             raise ValueError(f"cache on {paged.device}, but this copier runs on {self.device}")
 
-    def _launch(self, op: str, paged: PagedKV, slots: torch.Tensor, chunks: torch.Tensor, planes: range) -> None:
+    def _launch(self, op: str, paged: PagedKV, slots: torch.Tensor, rows: torch.Tensor, ptrs: list[int],
+                planes: range) -> None:
         import cupy
 
         host_table, table = self._tables_of(paged)
-        launch = plan_copy(op, paged, table, slots, chunks, planes, self.max_sms * BLOCKS_PER_SM, host_table)
+        launch = plan_copy(op, paged, table, slots, rows, ptrs, planes, self.max_sms * BLOCKS_PER_SM, host_table)
         kernel = self._function(launch.kernel)
         # CuPy launches on its current stream: make it the caller's current torch stream.
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream, self.device.index)
@@ -140,7 +182,12 @@ def _chunks_contiguous(chunks: torch.Tensor) -> bool:
     return n == 0 or (chunks[0].is_contiguous() and (n == 1 or chunks.stride(0) >= chunks[0].numel()))
 
 
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host table to the device without making the host wait for the stream (pinned copy)."""
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _kernel_args(launch: CopyLaunch) -> tuple:
-    """The kernel's C argument types: three pointers, two 64-bit and six 32-bit integers."""
+    """The kernel's C argument types: three pointers, one 64-bit and five 32-bit integers."""
     a = launch.args()
-    return (*(np.uint64(p) for p in a[:3]), np.int64(a[3]), np.int64(a[4]), *(np.int32(v) for v in a[5:]))
+    return (*(np.uint64(p) for p in a[:3]), np.int64(a[3]), *(np.int32(v) for v in a[4:]))

@@ -6,6 +6,7 @@ kernel source, so the argument arithmetic that feeds the kernels is tested on ev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -43,6 +44,25 @@ def plane_table(paged: PagedKV) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64)
 
 
+def token_rows(chunk_ptrs: Sequence[int], token_counts: Sequence[int], heads: int, row_bytes: int) -> torch.Tensor:
+    """int64 ``[tokens, 2]`` (host): for every token of the batch, the address of its (plane 0,
+    head 0) row in its canonical chunk and the bytes between that chunk's planes. Chunks may lie
+    anywhere and have different token counts: one launch still moves them all."""
+    counts = torch.tensor(list(token_counts), dtype=torch.int64)
+    ptrs = torch.tensor(list(chunk_ptrs), dtype=torch.int64)
+    token_bytes = heads * row_bytes
+    starts = torch.cumsum(counts, 0) - counts
+    t = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(starts, counts)
+    base = torch.repeat_interleave(ptrs, counts) + t * token_bytes
+    return torch.stack([base, torch.repeat_interleave(counts * token_bytes, counts)], dim=1)
+
+
+def batch_chunk_ptrs(chunks: torch.Tensor) -> list[int]:
+    """Addresses of the chunks of a ``[n, L, P, T, H, D]`` batch (each chunk contiguous)."""
+    step = chunks.stride(0) * chunks.element_size()
+    return [chunks.data_ptr() + i * step for i in range(chunks.shape[0])]
+
+
 @dataclass(frozen=True)
 class CopyLaunch:
     """One kernel launch: its name, grid and the scalar arguments in kernel order."""
@@ -52,10 +72,8 @@ class CopyLaunch:
     block: int
     table_ptr: int
     slots_ptr: int
-    chunks_ptr: int
-    chunk_stride: int  # bytes
+    rows_ptr: int
     num_tokens: int
-    tokens_per_chunk: int
     plane_begin: int
     plane_end: int
     heads: int
@@ -63,35 +81,35 @@ class CopyLaunch:
     block_size: int
 
     def args(self) -> tuple[int, ...]:
-        return (self.table_ptr, self.slots_ptr, self.chunks_ptr, self.chunk_stride, self.num_tokens,
-                self.tokens_per_chunk, self.plane_begin, self.plane_end, self.heads, self.words_per_row,
-                self.block_size)
+        return (self.table_ptr, self.slots_ptr, self.rows_ptr, self.num_tokens, self.plane_begin, self.plane_end,
+                self.heads, self.words_per_row, self.block_size)
 
 
-def plan_copy(op: str, paged: PagedKV, table: torch.Tensor, slots: torch.Tensor, chunks: torch.Tensor,
-              planes: range, max_blocks: int, host_table: torch.Tensor | None = None) -> CopyLaunch:
-    """Arguments for ``op`` ("gather" or "scatter") of ``chunks`` ``[n, L, P, T, H, D]`` over ``planes``.
+def plan_copy(op: str, paged: PagedKV, table: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor,
+              chunk_ptrs: Sequence[int], planes: range, max_blocks: int,
+              host_table: torch.Tensor | None = None) -> CopyLaunch:
+    """Arguments for ``op`` ("gather" or "scatter") of one batch over ``planes``.
 
     ``table`` is :func:`plane_table` of ``paged`` on the kernel's device (``host_table``: the same
-    on the host, read for the alignment so that planning never waits for the device), ``slots`` a
-    contiguous int64 ``[n, T]`` on that device; each ``chunks[i]`` must be contiguous.
+    on the host, read for the alignment so that planning never waits for the device); ``slots``
+    (int64 ``[tokens]``) and ``rows`` (:func:`token_rows` of ``chunk_ptrs``) are on that device.
     ``max_blocks`` caps the grid (the SM cap); the kernel's grid-stride loop covers every token.
     """
     if op not in ("gather", "scatter"):
         raise ValueError(f"op must be 'gather' or 'scatter', got {op!r}")
-    n, t = slots.shape
-    item = chunks.element_size()
-    row_bytes = paged.dim * item
-    chunk_stride = chunks.stride(0) * item if n > 1 else chunks[0].numel() * item
     if not planes or planes.step != 1 or planes.start < 0 or planes.stop > paged.num_layers * paged.kv_planes:
         raise ValueError(f"plane range {planes} not within [0, {paged.num_layers * paged.kv_planes})")
-    rows = (table if host_table is None else host_table)[planes.start : planes.stop]
-    word = _word_size([row_bytes, chunk_stride, chunks.data_ptr(), *rows.reshape(-1).tolist()])
+    num_tokens = slots.numel()
+    if tuple(rows.shape) != (num_tokens, 2):
+        raise ValueError(f"token rows of shape {tuple(rows.shape)} for {num_tokens} tokens")
+    row_bytes = paged.dim * paged.keys[0].element_size()
+    host_rows = (table if host_table is None else host_table)[planes.start : planes.stop]
+    word = _word_size([row_bytes, *chunk_ptrs, *host_rows.reshape(-1).tolist()])
     return CopyLaunch(
-        kernel=f"kvt_{op}_{word}", grid=max(1, min(n * t, max_blocks)), block=THREADS_PER_BLOCK,
-        table_ptr=table.data_ptr(), slots_ptr=slots.data_ptr(), chunks_ptr=chunks.data_ptr(),
-        chunk_stride=chunk_stride, num_tokens=n * t, tokens_per_chunk=t, plane_begin=planes.start,
-        plane_end=planes.stop, heads=paged.heads, words_per_row=row_bytes // word, block_size=paged.block_size)
+        kernel=f"kvt_{op}_{word}", grid=max(1, min(num_tokens, max_blocks)), block=THREADS_PER_BLOCK,
+        table_ptr=table.data_ptr(), slots_ptr=slots.data_ptr(), rows_ptr=rows.data_ptr(), num_tokens=num_tokens,
+        plane_begin=planes.start, plane_end=planes.stop, heads=paged.heads, words_per_row=row_bytes // word,
+        block_size=paged.block_size)
 
 
 def _word_size(values: list[int]) -> int:

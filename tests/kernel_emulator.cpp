@@ -3,8 +3,8 @@
 #include "cuda_shim.h"
 #include "../cuda_ext/kernels/kv_copy.cu"
 
-typedef void (*kvt_kernel)(const kvt_plane*, const kvt_i64*, char*, kvt_i64, kvt_i64, int, int,
-                           int, int, int, int);
+typedef void (*kvt_kernel)(const kvt_plane*, const kvt_i64*, const kvt_i64*, kvt_i64, int, int, int,
+                           int, int);
 
 // Same order as kernel_names() in cuda_ext/kernel_plan.py.
 static const kvt_kernel kKernels[] = {
@@ -13,9 +13,9 @@ static const kvt_kernel kKernels[] = {
 };
 
 extern "C" int kvt_emulate(int kernel, unsigned grid, unsigned block, const kvt_plane* planes,
-                           const kvt_i64* slots, char* chunks, kvt_i64 chunk_stride,
-                           kvt_i64 num_tokens, int tokens_per_chunk, int plane_begin,
-                           int plane_end, int heads, int words_per_row, int block_size) {
+                           const kvt_i64* slots, const kvt_i64* rows, kvt_i64 num_tokens,
+                           int plane_begin, int plane_end, int heads, int words_per_row,
+                           int block_size) {
   if (kernel < 0 || kernel >= (int)(sizeof(kKernels) / sizeof(kKernels[0]))) return -1;
   gridDim = {grid, 1, 1};
   blockDim = {block, 1, 1};
@@ -23,8 +23,8 @@ extern "C" int kvt_emulate(int kernel, unsigned grid, unsigned block, const kvt_
     for (unsigned t = 0; t < block; ++t) {
       blockIdx = {b, 0, 0};
       threadIdx = {t, 0, 0};
-      kKernels[kernel](planes, slots, chunks, chunk_stride, num_tokens, tokens_per_chunk,
-                       plane_begin, plane_end, heads, words_per_row, block_size);
+      kKernels[kernel](planes, slots, rows, num_tokens, plane_begin, plane_end, heads,
+                       words_per_row, block_size);
     }
   }
   return 0;

@@ -16,8 +16,15 @@ from pathlib import Path
 
 import torch
 
-from kvtier.cuda_ext.copier import CopyDone, KVCopier
-from kvtier.cuda_ext.kernel_plan import kernel_names, kernel_source, plan_copy, plane_table
+from kvtier.cuda_ext.copier import CopyDone, KVCopier, ScatterBatch
+from kvtier.cuda_ext.kernel_plan import (
+    batch_chunk_ptrs,
+    kernel_names,
+    kernel_source,
+    plan_copy,
+    plane_table,
+    token_rows,
+)
 from kvtier.cuda_ext.paged_kv import PagedKV
 
 HERE = Path(__file__).parent
@@ -40,7 +47,7 @@ def build_emulator() -> ctypes.CDLL:
     dll = ctypes.CDLL(str(lib))
     i64, i32 = ctypes.c_int64, ctypes.c_int
     dll.kvt_emulate.argtypes = [i32, ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                i64, i64, i32, i32, i32, i32, i32, i32]
+                                i64, i32, i32, i32, i32, i32]
     dll.kvt_emulate.restype = i32
     return dll
 
@@ -67,9 +74,27 @@ class EmulatedCopier(KVCopier):
         self._run("scatter", paged, slots, chunks, planes)
         return CopyDone()
 
+    def _scatter_batch(self, batch: ScatterBatch, planes: range) -> CopyDone:
+        """One launch for all chunks of the batch, as the CuPy copier does."""
+        chunks = [c.contiguous() for c in batch.chunks]
+        ptrs = [c.data_ptr() for c in chunks]
+        rows = token_rows(ptrs, [len(s) for s in batch.slots], batch.paged.heads, _row_bytes(batch.paged))
+        self._launch("scatter", batch.paged, torch.cat(batch.slots), rows, ptrs, planes)
+        return CopyDone()
+
     def _run(self, op: str, paged: PagedKV, slots: torch.Tensor, chunks: torch.Tensor, planes: range) -> None:
+        ptrs = batch_chunk_ptrs(chunks)
+        rows = token_rows(ptrs, [slots.shape[1]] * slots.shape[0], paged.heads, _row_bytes(paged))
+        self._launch(op, paged, slots.reshape(-1).contiguous(), rows, ptrs, planes)
+
+    def _launch(self, op: str, paged: PagedKV, slots: torch.Tensor, rows: torch.Tensor, ptrs: list[int],
+                planes: range) -> None:
         table = plane_table(paged)
-        launch = plan_copy(op, paged, table, slots, chunks, planes, self.max_blocks)
+        launch = plan_copy(op, paged, table, slots, rows, ptrs, planes, self.max_blocks)
         self.launches.append(launch.kernel)
         rc = self._dll.kvt_emulate(self._names.index(launch.kernel), launch.grid, launch.block, *launch.args())
         assert rc == 0, f"emulation of {launch.kernel} failed"
+
+
+def _row_bytes(paged: PagedKV) -> int:
+    return paged.dim * paged.keys[0].element_size()

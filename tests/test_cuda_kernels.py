@@ -20,9 +20,9 @@ import torch
 from kernel_emulator import KERNEL, EmulatedCopier
 from test_copy_layer import DTYPES, LAYOUTS, T, _cache, _random_chunks, _same_bytes, _slots
 
-from kvtier.cuda_ext import PagedKV, reference_gather, reference_scatter
+from kvtier.cuda_ext import PagedKV, TorchCopier, reference_gather, reference_scatter
 from kvtier.cuda_ext.cupy_copier import NVRTC_OPTIONS
-from kvtier.cuda_ext.kernel_plan import kernel_names, plan_copy, plane_table
+from kvtier.cuda_ext.kernel_plan import batch_chunk_ptrs, kernel_names, plan_copy, plane_table, token_rows
 
 BATCHES = (1, 5, 64)
 dtype_ids = {"ids": lambda d: str(d).removeprefix("torch.")}
@@ -114,16 +114,51 @@ def test_word_size_follows_alignment() -> None:
 
 def test_plan_rejects_bad_plane_ranges() -> None:
     paged, _ = _cache("vllm-nhd", torch.float32, seed=63)
-    slots = _slots(paged, 1, seed=64)
+    slots = _slots(paged, 1, seed=64).reshape(-1)
     out = torch.empty(1, *paged.chunk_shape(T))
+    rows = token_rows(batch_chunk_ptrs(out), [T], paged.heads, paged.dim * 4)
+    args = (paged, plane_table(paged), slots, rows, batch_chunk_ptrs(out))
     for bad in (range(0, 0), range(0, 5), range(-1, 1), range(0, 4, 2)):
         with pytest.raises(ValueError, match="plane range"):
-            plan_copy("gather", paged, plane_table(paged), slots, out, bad, 4)
+            plan_copy("gather", *args, bad, 4)
     with pytest.raises(ValueError, match="op must be"):
-        plan_copy("copy", paged, plane_table(paged), slots, out, range(0, 4), 4)
+        plan_copy("copy", *args, range(0, 4), 4)
+    with pytest.raises(ValueError, match="token rows"):
+        plan_copy("gather", paged, plane_table(paged), slots[:-1], rows, batch_chunk_ptrs(out), range(0, 4), 4)
     strided = PagedKV(tuple(t.transpose(2, 3) for t in paged.keys), None, "custom")
     with pytest.raises(ValueError, match="unit-stride"):
         plane_table(strided)
+
+
+def test_token_rows_place_every_token_of_scattered_chunks() -> None:
+    rows = token_rows([1000, 5000], [3, 2], heads=2, row_bytes=16)
+    assert rows.tolist() == [[1000, 96], [1032, 96], [1064, 96], [5000, 64], [5032, 64]]
+
+
+@pytest.mark.parametrize("copier_kind", ["emulated", "torch"])
+@pytest.mark.parametrize("layout", ["vllm-hnd", "sglang-pf", "vllm-mla", "opaque"])
+def test_scatter_batch_of_scattered_chunks_layer_by_layer(copier_kind: str, layout: str) -> None:
+    """Chunks in separate buffers with different token counts (a skipped head, a partial tail):
+    one prepared batch, one launch per layer, equal to the oracle."""
+    copier = EmulatedCopier() if copier_kind == "emulated" else TorchCopier()
+    zeroed, zero_raw = _cache(layout, torch.bfloat16, seed=None)
+    oracle, oracle_raw = _cache(layout, torch.bfloat16, seed=None)
+    slots = _slots(zeroed, 3, seed=65)
+    lengths = (T - 2, T, 3)
+    chunk_slots = [slots[0, 2:], slots[1], slots[2, :3]]
+    chunks = [_random_chunks(zeroed, 1, seed=66 + i)[0][:, :, : lengths[i]].clone() for i in range(3)]
+    batch = copier.prepare_scatter(chunks, zeroed, chunk_slots)
+    for layer in range(zeroed.num_layers):
+        copier.scatter_batch_async(batch, layers=range(layer, layer + 1)).synchronize()
+    for chunk, s in zip(chunks, chunk_slots):
+        reference_scatter(chunk[None], oracle, s[None])
+    assert torch.equal(zero_raw, oracle_raw)
+    if copier_kind == "emulated":
+        assert copier.launches == [copier.launches[0]] * zeroed.num_layers  # one launch per layer
+    with pytest.raises(ValueError, match="2 chunks but 3 slot lists"):
+        copier.prepare_scatter(chunks[:2], zeroed, chunk_slots)
+    with pytest.raises(ValueError, match=r"chunks\[1\] shape"):
+        copier.prepare_scatter(chunks, zeroed, [chunk_slots[0], chunk_slots[2], chunk_slots[2]])
 
 
 # -- the kernel source compiles with the real CUDA compilers ------------------------------------
@@ -224,3 +259,30 @@ def test_cupy_layerwise_async_and_sm_cap() -> None:
     assert all(d.query() for d in done)
     assert _same_bytes(copier.gather(paged, slots).cpu(), chunks)
 
+
+
+@needs_cuda
+@pytest.mark.parametrize("host_access", ["direct", "staged"])
+def test_cupy_scatter_batch_of_scattered_host_chunks(host_access: str) -> None:
+    """The layer-by-layer load path: chunks in separate host buffers (pinned and pageable), one
+    launch per layer on a side stream, equal to the oracle."""
+    copier = _cupy_copier(host_access=host_access)
+    for layout in LAYOUTS:
+        cpu_zero, _ = _cache(layout, torch.bfloat16, seed=None)
+        oracle, oracle_raw = _cache(layout, torch.bfloat16, seed=None)
+        shape, build, _ = LAYOUTS[layout]
+        gpu_raw = torch.zeros_like(oracle_raw, device="cuda")
+        paged = build(gpu_raw.view(torch.bfloat16).view(shape))
+        slots = _slots(cpu_zero, 3, seed=80)
+        chunk_slots = [slots[0, 2:], slots[1], slots[2, :3]]
+        chunks = [_random_chunks(cpu_zero, 1, seed=81 + i)[0][:, :, : len(s)].clone() for i, s in enumerate(chunk_slots)]
+        chunks[1] = chunks[1].pin_memory()
+        batch = copier.prepare_scatter(chunks, paged, chunk_slots)
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            done = [copier.scatter_batch_async(batch, layers=range(i, i + 1)) for i in range(paged.num_layers)]
+        for d in done:
+            d.wait_on_current_stream()
+        for chunk, s in zip(chunks, chunk_slots):
+            reference_scatter(chunk[None], oracle, s[None])
+        assert torch.equal(gpu_raw.cpu(), oracle_raw), layout

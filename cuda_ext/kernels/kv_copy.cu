@@ -1,6 +1,7 @@
 // kvtier batched KV copy: one launch moves a whole batch of chunks between an engine's paged KV
 // cache (every layer, any layout reducible to strided [block, token, head, dim] views) and
-// contiguous canonical chunks [layers][K,V][tokens][heads][dim].
+// canonical chunks [layers][K,V][tokens][heads][dim], wherever each chunk lies and however many
+// tokens it has (a token-row table gives each token's place in its chunk).
 //
 // Compiled at run time by NVRTC through CuPy, so the file includes no headers. The same text is
 // compiled by nvcc (a CI check) and by g++ through tests/cuda_shim.h, which runs these kernels on
@@ -29,22 +30,20 @@ template <typename Word, bool kToChunk>
 __device__ __forceinline__ void kvt_copy(
     const kvt_plane* __restrict__ planes,  // [num_planes]
     const kvt_i64* __restrict__ slots,     // [num_tokens]: block_id * block_size + offset
-    char* chunks,                          // chunk i starts at chunks + i * chunk_stride
-    kvt_i64 chunk_stride,                  // bytes between chunks (>= one chunk)
-    kvt_i64 num_tokens,                    // tokens in the batch = chunks * tokens_per_chunk
-    int tokens_per_chunk,
+    const kvt_i64* __restrict__ rows,      // [num_tokens][2]: address of the token's (plane 0,
+                                           // head 0) row in its chunk; bytes between its planes
+    kvt_i64 num_tokens,
     int plane_begin, int plane_end,        // the planes this launch moves (a layer range)
     int heads, int words_per_row, int block_size) {
-  const int rows = (plane_end - plane_begin) * heads;
-  const int words = rows * words_per_row;  // per token
+  const int rows_per_token = (plane_end - plane_begin) * heads;
+  const int words = rows_per_token * words_per_row;  // per token
   const kvt_i64 row_bytes = (kvt_i64)words_per_row * (kvt_i64)sizeof(Word);
   for (kvt_i64 tok = blockIdx.x; tok < num_tokens; tok += gridDim.x) {
-    const kvt_i64 chunk = tok / tokens_per_chunk;
-    const kvt_i64 t = tok - chunk * tokens_per_chunk;
     const kvt_i64 slot = slots[tok];
     const kvt_i64 block = slot / block_size;
     const kvt_i64 offset = slot - block * block_size;
-    char* chunk_base = chunks + chunk * chunk_stride;
+    char* token_row = (char*)rows[2 * tok];
+    const kvt_i64 plane_bytes = rows[2 * tok + 1];
     for (int w = threadIdx.x; w < words; w += blockDim.x) {
       const int row = w / words_per_row;
       const int word = w - row * words_per_row;
@@ -54,8 +53,7 @@ __device__ __forceinline__ void kvt_copy(
       const kvt_plane pl = planes[p];
       Word* cache = (Word*)((char*)pl.base + block * pl.block_stride + offset * pl.token_stride +
                             head * pl.head_stride) + word;
-      Word* canon = (Word*)(chunk_base +
-                            (((kvt_i64)p * tokens_per_chunk + t) * heads + head) * row_bytes) + word;
+      Word* canon = (Word*)(token_row + p * plane_bytes + head * row_bytes) + word;
       if (kToChunk) {
         *canon = *cache;
       } else {
@@ -67,18 +65,16 @@ __device__ __forceinline__ void kvt_copy(
 
 #define KVT_KERNELS(SUFFIX, WORD)                                                              \
   extern "C" __global__ void kvt_gather_##SUFFIX(                                              \
-      const kvt_plane* planes, const kvt_i64* slots, char* chunks, kvt_i64 chunk_stride,       \
-      kvt_i64 num_tokens, int tokens_per_chunk, int plane_begin, int plane_end, int heads,     \
-      int words_per_row, int block_size) {                                                     \
-    kvt_copy<WORD, true>(planes, slots, chunks, chunk_stride, num_tokens, tokens_per_chunk,    \
-                         plane_begin, plane_end, heads, words_per_row, block_size);            \
+      const kvt_plane* planes, const kvt_i64* slots, const kvt_i64* rows, kvt_i64 num_tokens,  \
+      int plane_begin, int plane_end, int heads, int words_per_row, int block_size) {          \
+    kvt_copy<WORD, true>(planes, slots, rows, num_tokens, plane_begin, plane_end, heads,       \
+                         words_per_row, block_size);                                           \
   }                                                                                            \
   extern "C" __global__ void kvt_scatter_##SUFFIX(                                             \
-      const kvt_plane* planes, const kvt_i64* slots, char* chunks, kvt_i64 chunk_stride,       \
-      kvt_i64 num_tokens, int tokens_per_chunk, int plane_begin, int plane_end, int heads,     \
-      int words_per_row, int block_size) {                                                     \
-    kvt_copy<WORD, false>(planes, slots, chunks, chunk_stride, num_tokens, tokens_per_chunk,   \
-                          plane_begin, plane_end, heads, words_per_row, block_size);           \
+      const kvt_plane* planes, const kvt_i64* slots, const kvt_i64* rows, kvt_i64 num_tokens,  \
+      int plane_begin, int plane_end, int heads, int words_per_row, int block_size) {          \
+    kvt_copy<WORD, false>(planes, slots, rows, num_tokens, plane_begin, plane_end, heads,      \
+                          words_per_row, block_size);                                          \
   }
 
 KVT_KERNELS(16, uint4)
