@@ -22,6 +22,18 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[object]:
+    """Three redis-server masters (password-protected) joined into a Redis Cluster on free loopback
+    ports, shared by a module's tests (each uses its own keys); killed at teardown."""
+    if REDIS_SERVER is None:
+        pytest.fail("redis-server is not installed (./dev installs it: apt-get install redis-server)")
+    from redis_cluster import RedisCluster
+
+    with RedisCluster(masters=3, password="cluster pw") as cluster:
+        yield cluster
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random float32 Llama (2 layers, 2 KV heads x 32) with a word-level tokenizer, built locally."""

@@ -103,3 +103,26 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "OK" in capsys.readouterr().out
     assert cli_main(["check-config", str(_write(tmp_path, "tiers: [{type: nvme}]"))]) == 2
     assert "tiers[0].type = 'nvme'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", [
+    "redis+cluster://10.0.0.1:7000", "rediss+cluster://u:p@a:7000,b:7001,[::1]:7002/0?ssl_ca_certs=/ca.pem",
+])
+def test_redis_cluster_urls_are_accepted(tmp_path: Path, url: str) -> None:
+    config = load_config(_write(tmp_path, f"tiers: [{{type: redis, url: '{url}'}}]"), environ={})
+    assert config.tiers[0].url == url
+
+
+@pytest.mark.parametrize("url, prefix, must_name", [
+    ("redis+cluster://:secret@a:1,b:x", "kvtier:", ["tiers[0]", "'b:x' is not host:port", ":***@"]),
+    ("rediss+cluster://:secret@a:1/2", "kvtier:", ["only database 0"]),
+    ("redis+cluster://", "kvtier:", ["names no node"]),
+    ("redis+cluster://a:1", "{kv}:", ["key_prefix", "hash tag"]),
+])
+def test_bad_redis_cluster_config_is_one_clear_line(tmp_path: Path, url: str, prefix: str, must_name: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, f"tiers: [{{type: redis, url: '{url}', key_prefix: '{prefix}'}}]"), environ={})
+    message = str(info.value)
+    assert message.startswith("invalid kvtier config:") and "\n" not in message and "secret" not in message
+    for part in must_name:
+        assert part in message, f"{part!r} missing from: {message}"
