@@ -68,6 +68,14 @@ def _wire_value(value: Buffer) -> bytes | memoryview:
         return view.tobytes()
 
 
+def check_options(ttl_seconds: int | None, connect_timeout_s: float, op_timeout_s: float, retry_interval_s: float,
+                  max_connections: int) -> None:
+    """The option checks shared by the single-server and the cluster tier."""
+    positive = (connect_timeout_s, op_timeout_s, max_connections, 1 if ttl_seconds is None else ttl_seconds)
+    if min(positive) <= 0 or retry_interval_s < 0:
+        raise ValueError("ttl, timeouts and max_connections must be positive, retry_interval_s >= 0")
+
+
 def _client(url: str, connect_timeout_s: float, op_timeout_s: float, max_connections: int) -> redis.Redis:
     """A client with bounded waits everywhere and no hidden retries (the breaker decides)."""
     pool = redis.BlockingConnectionPool.from_url(
@@ -89,9 +97,7 @@ class RedisBackend(StorageBackend):
         retry_interval_s: float = 1.0, max_connections: int = 16,
     ) -> None:
         super().__init__(name, metrics or TierMetrics(name))
-        positive = (connect_timeout_s, op_timeout_s, max_connections, 1 if ttl_seconds is None else ttl_seconds)
-        if min(positive) <= 0 or retry_interval_s < 0:
-            raise ValueError("ttl, timeouts and max_connections must be positive, retry_interval_s >= 0")
+        check_options(ttl_seconds, connect_timeout_s, op_timeout_s, retry_interval_s, max_connections)
         self.url = mask_url(url)
         self.key_prefix = key_prefix
         self.ttl_seconds = ttl_seconds

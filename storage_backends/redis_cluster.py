@@ -44,7 +44,15 @@ from redis.retry import Retry
 
 from .base import Buffer, StorageBackend
 from .metrics import TierMetrics
-from .redis_backend import _CMD_WARN_INTERVAL_S, _CONN_ERRORS, _PIPELINE_BYTES, _batches, _wire_value, mask_url
+from .redis_backend import (
+    _CMD_WARN_INTERVAL_S,
+    _CONN_ERRORS,
+    _PIPELINE_BYTES,
+    _batches,
+    _wire_value,
+    check_options,
+    mask_url,
+)
 from .summary import StoreSummary
 
 log = logging.getLogger(__name__)
@@ -143,9 +151,7 @@ class RedisClusterBackend(StorageBackend):
         retry_interval_s: float = 1.0, max_connections: int = 16,
     ) -> None:
         super().__init__(name, metrics or TierMetrics(name))
-        positive = (connect_timeout_s, op_timeout_s, max_connections, 1 if ttl_seconds is None else ttl_seconds)
-        if min(positive) <= 0 or retry_interval_s < 0:
-            raise ValueError("ttl, timeouts and max_connections must be positive, retry_interval_s >= 0")
+        check_options(ttl_seconds, connect_timeout_s, op_timeout_s, retry_interval_s, max_connections)
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError(f"key_prefix {key_prefix!r}: no braces with Redis Cluster (a hash tag would put "
                              "every chunk into one slot)")
