@@ -215,9 +215,9 @@ def test_kernel_source_compiles_with_nvrtc() -> None:
 
 def needs_cuda(test):
     """``gpu``-marked; skipped, with the reason, where there is no CUDA device or no CuPy."""
-    test = pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="needs CuPy (pip install kvtier[cuda])")(test)
-    test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test)
-    return pytest.mark.gpu(test)
+    missing = ("a CUDA device" if not torch.cuda.is_available()
+               else "CuPy (pip install kvtier[cuda])" if importlib.util.find_spec("cupy") is None else None)
+    return pytest.mark.gpu(pytest.mark.skipif(missing is not None, reason=f"needs {missing}")(test))
 
 
 def _cupy_copier(**kw):
