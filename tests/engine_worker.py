@@ -2,7 +2,7 @@
 
 Input: a JSON job file (argv[1]): model, kv (kv_transfer_config or null), steps (lists of prompts,
 one ``generate`` call after another), max_tokens, prefix_caching, cache_salt, multiprocess,
-pause (print ``PAUSED <i>`` after step i and wait for a line on stdin before going on).
+kv_cache_bytes and max_model_len (the engine's KV cache size and context), pause (print ``PAUSED <i>`` after step i and wait for a line on stdin before going on).
 Output: ``RESULT <json>`` (per step, per prompt: [generated token ids, num_cached_tokens]) and,
 in-process only, ``STATS <json>`` (kvtier's per-tier counters).
 """
@@ -21,9 +21,9 @@ if __name__ == "__main__":
     from vllm import LLM, SamplingParams
 
     kwargs = {"kv_transfer_config": job["kv"]} if job.get("kv") else {}
-    llm = LLM(model=job["model"], max_model_len=4096, enforce_eager=True, dtype="float32",
-              kv_cache_memory_bytes=128 << 20, enable_prefix_caching=job.get("prefix_caching", False),
-              seed=0, **kwargs)
+    llm = LLM(model=job["model"], max_model_len=job.get("max_model_len", 4096), enforce_eager=True, dtype="float32",
+              kv_cache_memory_bytes=job.get("kv_cache_bytes", 128 << 20),
+              enable_prefix_caching=job.get("prefix_caching", False), seed=0, **kwargs)
     params = SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0)
     results = []
     for i, step in enumerate(job["steps"]):

@@ -165,3 +165,17 @@ def test_async_loading_parks_the_request_and_matches(tiny_model: Path, tmp_path:
     third = run_engine(tiny_model, [PROMPTS], kv)
     _assert_same(third[0], plain)
     assert third.stats["disk"]["corrupt_chunks"] >= 2
+
+
+@pytest.mark.timeout(120)
+def test_blocks_kept_for_saves_are_all_freed(tiny_model: Path, tmp_path: Path) -> None:
+    """A finished request's blocks wait for its saves (request_finished delays, get_finished frees):
+    in a KV cache of 16 blocks, 12 requests of 6 blocks each one after another can only run if
+    every delayed block comes back. A leak would stall the engine (and time out)."""
+    prompts = [prompt_text(700, seed=100 + i) for i in range(12)]
+    cfg = _config(tmp_path, "  - {type: cpu, max_bytes: 256MiB}\n")
+    run = run_engine(tiny_model, [[p] for p in prompts] + [[prompts[0]]], kvtier_transfer_config(cfg),
+                     kv_cache_bytes=16 * 128 * 1024, max_model_len=1024, max_tokens=2)
+    assert all(len(step[0].tokens) == 2 for step in run.steps)
+    assert run[-1][0].cached == 699  # the first prompt's saves completed: a full hit
+    assert run.stats["cpu"]["stored_chunks"] >= 12 * 3

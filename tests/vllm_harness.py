@@ -43,13 +43,14 @@ def kvtier_transfer_config(config_file: str | Path, role: str = "kv_both", **ove
 def run_engine(model: str | Path, steps: list[list[str]], kv: dict[str, Any] | None = None, *,
                max_tokens: int = 8, prefix_caching: bool = False, cache_salt: str | None = None,
                multiprocess: bool = False, between_steps: Callable[[int], None] | None = None,
-               timeout: float = 300) -> EngineRun:
+               kv_cache_bytes: int = 128 << 20, max_model_len: int = 4096, timeout: float = 300) -> EngineRun:
     """Start an engine in a new process, run each step's prompts through ``generate``, stop it.
 
     ``between_steps(i)`` runs in the test before step ``i`` (i >= 1) while the engine waits.
     """
     job = {"model": str(model), "kv": kv, "steps": steps, "max_tokens": max_tokens, "prefix_caching": prefix_caching,
-           "cache_salt": cache_salt, "multiprocess": multiprocess,
+           "cache_salt": cache_salt, "multiprocess": multiprocess, "kv_cache_bytes": kv_cache_bytes,
+           "max_model_len": max_model_len,
            "pause": list(range(1, len(steps))) if between_steps else []}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
