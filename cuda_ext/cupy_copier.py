@@ -20,6 +20,7 @@ stream, so a caller that wants stores off the forward pass's stream runs them un
 from __future__ import annotations
 
 import importlib.util
+import logging
 import threading
 import weakref
 
@@ -37,6 +38,8 @@ from .kernel_plan import (
     token_rows,
 )
 from .paged_kv import PagedKV
+
+log = logging.getLogger(__name__)
 
 HOST_ACCESS = ("direct", "staged")
 NVRTC_OPTIONS = ("--std=c++14",)
@@ -69,6 +72,10 @@ class CupyCopier(KVCopier):
         if max_sms is not None and max_sms <= 0:
             raise ValueError(f"max_sms must be positive, got {max_sms}")
         self.max_sms = min(sms, max_sms or sms)
+        if host_access == "direct" and not _host_pointers_usable(self.device.index):
+            log.warning("kvtier: %s cannot use host pointers of registered memory; copying through device "
+                        "staging buffers instead (gpu.host_access: staged)", self.device)
+            host_access = "staged"
         self.host_access = host_access
         self._module = None
         self._lock = threading.Lock()
@@ -175,6 +182,15 @@ class CupyCopier(KVCopier):
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         return CudaCopyDone(event, keep)
+
+
+def _host_pointers_usable(device_index: int) -> bool:
+    """Whether the kernels may dereference pinned host pointers as they are (unified addressing with
+    registered memory at the CPU's addresses: the cpu tier's pool is registered, not allocated)."""
+    import cupy
+
+    attr = cupy.cuda.runtime.cudaDevAttrCanUseHostPointerForRegisteredMem
+    return bool(cupy.cuda.runtime.deviceGetAttribute(attr, device_index))
 
 
 def _chunks_contiguous(chunks: torch.Tensor) -> bool:
