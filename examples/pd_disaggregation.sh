@@ -6,7 +6,7 @@
 # (KEEP_RUNNING=1 keeps them up until Ctrl-C).
 #
 #   MODEL=Qwen/Qwen2.5-0.5B-Instruct examples/pd_disaggregation.sh
-#   KVTIER_PD_CONFIG=examples/configs/pd-redis.yaml MODEL=... examples/pd_disaggregation.sh
+#   PD_CONFIG=examples/configs/pd-redis.yaml MODEL=... examples/pd_disaggregation.sh
 #
 # Both servers must use the same kvtier config (the same disk folder or Redis), the same model
 # and the same dtype. examples/vllm_serve.py is vLLM's own `vllm` command; it exists because the
@@ -23,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL=${MODEL:?set MODEL to a model name or local folder}
-CONFIG=${KVTIER_PD_CONFIG:-examples/configs/pd-disk.yaml}
+CONFIG=${PD_CONFIG:-examples/configs/pd-disk.yaml}
 PREFILL_PORT=${PREFILL_PORT:-8100}
 DECODE_PORT=${DECODE_PORT:-8200}
 PROXY_PORT=${PROXY_PORT:-8000}

@@ -2,7 +2,7 @@
 # An SGLang server with kvtier as its HiCache storage backend (L3), sharing one cache with vLLM.
 #
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct examples/sglang_server.sh
-#   KVTIER_SGLANG_CONFIG=examples/configs/cpu-disk-redis.yaml PAGE_SIZE=256 MODEL=... examples/sglang_server.sh
+#   CONFIG=examples/configs/cpu-disk-redis.yaml PAGE_SIZE=256 MODEL=... examples/sglang_server.sh
 #
 # Needs a GPU build of SGLang 0.5.23 (pip install "sglang==0.5.23") and kvtier in the same
 # environment. What the flags do:
@@ -25,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL=${MODEL:?set MODEL to a model name or local folder}
-CONFIG=${KVTIER_SGLANG_CONFIG:-examples/configs/shared-vllm-sglang.yaml}
+CONFIG=${CONFIG:-examples/configs/shared-vllm-sglang.yaml}  # not KVTIER_*: kvtier reads those as overrides
 PAGE_SIZE=${PAGE_SIZE:-64}
 PORT=${PORT:-30000}
 

@@ -250,9 +250,16 @@ def load_config(
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"invalid kvtier config: top level of {path} must be a mapping, got {type(data).__name__}")
-    for dotted, value in {**_env_overrides(environ), **dict(overrides or {})}.items():
-        _set_path(data, dotted, value)
+    from_env = _env_overrides(environ)
+    # Every KVTIER_* variable is an override: say so when one is in play, as a stray one
+    # (a script's own KVTIER_SOMETHING) otherwise looks like a mystery key.
+    hint = (f" (read from the environment: {', '.join(sorted(ENV_PREFIX + k.upper().replace('.', '__') for k in from_env))};"
+            f" every {ENV_PREFIX}* variable is a config override)") if from_env else ""
     try:
+        for dotted, value in {**from_env, **dict(overrides or {})}.items():
+            _set_path(data, dotted, value)
         return KVTierConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc)) from None
+        raise ConfigError(_format_error(exc) + hint) from None
+    except ConfigError as exc:
+        raise ConfigError(str(exc) + hint) from None

@@ -52,6 +52,17 @@ def test_precedence_yaml_then_environment_then_inline(tmp_path: Path) -> None:
     assert config.chunk_size == 1024 and config.tiers[1].ttl_seconds == 60
 
 
+def test_a_stray_kvtier_variable_is_named_in_the_error() -> None:
+    """A script's own KVTIER_SOMETHING is read as an override: the error says where it came from."""
+    with pytest.raises(ConfigError, match=r"venv: unknown key.*read from the environment: KVTIER_VENV"):
+        load_config(environ={"KVTIER_VENV": ".venv"})
+    with pytest.raises(ConfigError, match=r"names no configured tier.*KVTIER_PD__CONFIG"):
+        load_config(environ={"KVTIER_PD__CONFIG": "x.yaml"})
+    with pytest.raises(ConfigError) as plain:
+        load_config(overrides={"venv": 1}, environ={})
+    assert "environment" not in str(plain.value)
+
+
 def test_config_path_from_environment(tmp_path: Path) -> None:
     path = _write(tmp_path, "tiers: [{type: disk, path: $HOME/kv, max_bytes: 1GiB}]\n")
     config = load_config(environ={"KVTIER_CONFIG": str(path)})
