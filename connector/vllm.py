@@ -222,8 +222,13 @@ class KVTierConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         plan = self._get_connector_metadata().plan
         self._finish_layer_load()
-        fetched = [load for load in map(self._fetch, plan.loads) if load is not None]
-        self._layer_load = LayerwiseLoad(self._chunks.copier, self._paged, fetched, self._streams)
+        fetched = [(spec, load) for spec in plan.loads if (load := self._fetch(spec)) is not None]
+        try:
+            self._layer_load = LayerwiseLoad(self._chunks.copier, self._paged, [ld for _, ld in fetched], self._streams)
+        except Exception:  # nothing was copied: vLLM recomputes these requests
+            log.exception("kvtier: starting this step's loads failed; vLLM recomputes them")
+            for spec, _ in fetched:
+                self._check_loaded(spec, 0)
         for spec in plan.async_loads:  # parked requests: vLLM waits for get_finished to name them
             if self._loader is None:
                 self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
