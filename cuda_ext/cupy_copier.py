@@ -31,11 +31,11 @@ from .copier import CopyDone, CudaCopyDone, KVCopier, ScatterBatch
 from .kernel_plan import (
     BLOCKS_PER_SM,
     CopyLaunch,
-    batch_chunk_ptrs,
+    batch_rows,
     kernel_source,
+    list_rows,
     plan_copy,
     plane_table,
-    token_rows,
 )
 from .paged_kv import PagedKV
 
@@ -89,7 +89,7 @@ class CupyCopier(KVCopier):
             return self._done(slots, out)
         staging = torch.empty(out.shape, dtype=out.dtype, device=paged.device)
         self._launch_batch("gather", paged, slots, staging, planes)
-        layers = slice(planes.start // paged.kv_planes, -(-planes.stop // paged.kv_planes))
+        layers = paged.layer_slice(planes)
         out[:, layers].copy_(staging[:, layers], non_blocking=out.is_pinned())  # one DMA
         return self._done(slots, out, staging)
 
@@ -99,7 +99,7 @@ class CupyCopier(KVCopier):
             chunks = chunks.contiguous()  # on its own device: a pageable copy of pinned chunks is staged
         if chunks.device != paged.device and not self._direct(chunks):
             staging = torch.empty(chunks.shape, dtype=chunks.dtype, device=paged.device)
-            layers = slice(planes.start // paged.kv_planes, -(-planes.stop // paged.kv_planes))
+            layers = paged.layer_slice(planes)
             staging[:, layers].copy_(chunks[:, layers], non_blocking=chunks.is_pinned())  # one DMA, these layers only
             self._launch_batch("scatter", paged, slots, staging, planes)
             return self._done(slots, chunks, staging)
@@ -126,17 +126,13 @@ class CupyCopier(KVCopier):
                 pinned = chunk if chunk.is_pinned() else chunk.pin_memory()
                 chunk = pinned.to(paged.device, non_blocking=True) if self.host_access == "staged" else pinned
             chunks.append(chunk)
-        row_bytes = paged.dim * paged.keys[0].element_size()
-        ptrs = [c.data_ptr() for c in chunks]
-        rows = token_rows(ptrs, [len(s) for s in batch.slots], paged.heads, row_bytes)
+        ptrs, rows = list_rows(paged, chunks)
         slots = torch.cat(batch.slots)  # on the device already (prepare_scatter checked them)
         return slots, _to_device(rows, self.device), ptrs, chunks
 
     def _launch_batch(self, op: str, paged: PagedKV, slots: torch.Tensor, chunks: torch.Tensor, planes: range) -> None:
         """A ``[n, L, P, T, H, D]`` batch (each chunk contiguous) against ``[n, T]`` slots."""
-        row_bytes = paged.dim * paged.keys[0].element_size()
-        ptrs = batch_chunk_ptrs(chunks)
-        rows = token_rows(ptrs, [slots.shape[1]] * slots.shape[0], paged.heads, row_bytes)
+        ptrs, rows = batch_rows(paged, chunks)
         self._launch(op, paged, slots.reshape(-1), _to_device(rows, self.device), ptrs, planes)
 
     # -- internals -----------------------------------------------------------------------------

@@ -63,6 +63,18 @@ def batch_chunk_ptrs(chunks: torch.Tensor) -> list[int]:
     return [chunks.data_ptr() + i * step for i in range(chunks.shape[0])]
 
 
+def batch_rows(paged: PagedKV, chunks: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """Chunk addresses and :func:`token_rows` (host) of a ``[n, L, P, T, H, D]`` batch."""
+    ptrs = batch_chunk_ptrs(chunks)
+    return ptrs, token_rows(ptrs, [chunks.shape[3]] * chunks.shape[0], paged.heads, paged.row_bytes)
+
+
+def list_rows(paged: PagedKV, chunks: Sequence[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+    """Chunk addresses and :func:`token_rows` (host) of separate contiguous ``[L, P, T_i, H, D]`` chunks."""
+    ptrs = [c.data_ptr() for c in chunks]
+    return ptrs, token_rows(ptrs, [c.shape[2] for c in chunks], paged.heads, paged.row_bytes)
+
+
 @dataclass(frozen=True)
 class CopyLaunch:
     """One kernel launch: its name, grid and the scalar arguments in kernel order."""
@@ -102,7 +114,7 @@ def plan_copy(op: str, paged: PagedKV, table: torch.Tensor, slots: torch.Tensor,
     num_tokens = slots.numel()
     if tuple(rows.shape) != (num_tokens, 2):
         raise ValueError(f"token rows of shape {tuple(rows.shape)} for {num_tokens} tokens")
-    row_bytes = paged.dim * paged.keys[0].element_size()
+    row_bytes = paged.row_bytes
     host_rows = (table if host_table is None else host_table)[planes.start : planes.stop]
     word = _word_size([row_bytes, *chunk_ptrs, *host_rows.reshape(-1).tolist()])
     return CopyLaunch(

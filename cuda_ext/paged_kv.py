@@ -108,6 +108,15 @@ class PagedKV:
             return self.layout_id
         return "kv" if self.kv_planes == 2 else "mla"
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one (token, head) row: ``dim`` elements, contiguous in every layout."""
+        return self.dim * self.keys[0].element_size()
+
+    def layer_slice(self, planes: range) -> slice:
+        """The layers that a range of :meth:`planes` indices covers."""
+        return slice(planes.start // self.kv_planes, -(-planes.stop // self.kv_planes))
+
     def chunk_shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
         """Canonical chunk shape ``(layers, kv_planes, tokens, heads, dim)``."""
         return (self.num_layers, self.kv_planes, num_tokens, self.heads, self.dim)

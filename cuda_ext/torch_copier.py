@@ -33,7 +33,7 @@ class TorchCopier(KVCopier):
             rows = index.take(views[i].view(wide))  # [n * t, heads, words]
             dst[:, layer, kv].copy_(rows.view(n, t, *rows.shape[1:]))
         if not same:
-            layers = slice(planes.start // paged.kv_planes, -(-planes.stop // paged.kv_planes))
+            layers = paged.layer_slice(planes)
             out.view(wide)[:, layers].copy_(dst[:, layers])
         return CopyDone()
 

@@ -17,14 +17,7 @@ from pathlib import Path
 import torch
 
 from kvtier.cuda_ext.copier import CopyDone, KVCopier, ScatterBatch
-from kvtier.cuda_ext.kernel_plan import (
-    batch_chunk_ptrs,
-    kernel_names,
-    kernel_source,
-    plan_copy,
-    plane_table,
-    token_rows,
-)
+from kvtier.cuda_ext.kernel_plan import batch_rows, kernel_names, kernel_source, list_rows, plan_copy, plane_table
 from kvtier.cuda_ext.paged_kv import PagedKV
 
 HERE = Path(__file__).parent
@@ -77,14 +70,12 @@ class EmulatedCopier(KVCopier):
     def _scatter_batch(self, batch: ScatterBatch, planes: range) -> CopyDone:
         """One launch for all chunks of the batch, as the CuPy copier does."""
         chunks = [c.contiguous() for c in batch.chunks]
-        ptrs = [c.data_ptr() for c in chunks]
-        rows = token_rows(ptrs, [len(s) for s in batch.slots], batch.paged.heads, _row_bytes(batch.paged))
+        ptrs, rows = list_rows(batch.paged, chunks)
         self._launch("scatter", batch.paged, torch.cat(batch.slots), rows, ptrs, planes)
         return CopyDone()
 
     def _run(self, op: str, paged: PagedKV, slots: torch.Tensor, chunks: torch.Tensor, planes: range) -> None:
-        ptrs = batch_chunk_ptrs(chunks)
-        rows = token_rows(ptrs, [slots.shape[1]] * slots.shape[0], paged.heads, _row_bytes(paged))
+        ptrs, rows = batch_rows(paged, chunks)
         self._launch(op, paged, slots.reshape(-1).contiguous(), rows, ptrs, planes)
 
     def _launch(self, op: str, paged: PagedKV, slots: torch.Tensor, rows: torch.Tensor, ptrs: list[int],
@@ -94,7 +85,3 @@ class EmulatedCopier(KVCopier):
         self.launches.append(launch.kernel)
         rc = self._dll.kvt_emulate(self._names.index(launch.kernel), launch.grid, launch.block, *launch.args())
         assert rc == 0, f"emulation of {launch.kernel} failed"
-
-
-def _row_bytes(paged: PagedKV) -> int:
-    return paged.dim * paged.keys[0].element_size()

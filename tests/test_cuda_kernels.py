@@ -22,7 +22,7 @@ from test_copy_layer import DTYPES, LAYOUTS, T, _cache, _random_chunks, _same_by
 
 from kvtier.cuda_ext import PagedKV, TorchCopier, reference_gather, reference_scatter
 from kvtier.cuda_ext.cupy_copier import NVRTC_OPTIONS
-from kvtier.cuda_ext.kernel_plan import batch_chunk_ptrs, kernel_names, plan_copy, plane_table, token_rows
+from kvtier.cuda_ext.kernel_plan import batch_rows, kernel_names, plan_copy, plane_table, token_rows
 
 BATCHES = (1, 5, 64)
 dtype_ids = {"ids": lambda d: str(d).removeprefix("torch.")}
@@ -116,15 +116,16 @@ def test_plan_rejects_bad_plane_ranges() -> None:
     paged, _ = _cache("vllm-nhd", torch.float32, seed=63)
     slots = _slots(paged, 1, seed=64).reshape(-1)
     out = torch.empty(1, *paged.chunk_shape(T))
-    rows = token_rows(batch_chunk_ptrs(out), [T], paged.heads, paged.dim * 4)
-    args = (paged, plane_table(paged), slots, rows, batch_chunk_ptrs(out))
+    ptrs, rows = batch_rows(paged, out)
+    assert paged.row_bytes == paged.dim * 4
+    args = (paged, plane_table(paged), slots, rows, ptrs)
     for bad in (range(0, 0), range(0, 5), range(-1, 1), range(0, 4, 2)):
         with pytest.raises(ValueError, match="plane range"):
             plan_copy("gather", *args, bad, 4)
     with pytest.raises(ValueError, match="op must be"):
         plan_copy("copy", *args, range(0, 4), 4)
     with pytest.raises(ValueError, match="token rows"):
-        plan_copy("gather", paged, plane_table(paged), slots[:-1], rows, batch_chunk_ptrs(out), range(0, 4), 4)
+        plan_copy("gather", paged, plane_table(paged), slots[:-1], rows, ptrs, range(0, 4), 4)
     strided = PagedKV(tuple(t.transpose(2, 3) for t in paged.keys), None, "custom")
     with pytest.raises(ValueError, match="unit-stride"):
         plane_table(strided)
