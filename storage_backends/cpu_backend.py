@@ -9,6 +9,20 @@ can be passed in as ``pool``.
 the runs their predecessors freed): it returns a read-only numpy view of the pool. While any view
 of an entry is alive, its slots are quarantined instead of freed, so an eviction or overwrite can
 never change bytes a reader holds; they return to the free list once the last view is dropped.
+
+"Any view" includes everything derived from the array ``get`` hands out (numpy slices, reshapes,
+``.view(dtype)``, ``np.asarray``, ``memoryview``, ``torch.frombuffer`` / ``torch.from_numpy``):
+numpy collapses a view's ``.base`` to the first object that is not an ndarray of the view's own
+type, so a plain view of the pool would let derived views reference the pool alone. The handed-out
+array is therefore built on a per-entry read-only ``memoryview`` of the slots: the collapse stops
+at the array (its base is not an ndarray), every derived object keeps the array alive, and a
+weakref to it tells whether any reader is left. (A subclass instance over the pool does not do it:
+``np.asarray`` and ``np.frombuffer`` of it collapse past it to the pool.)
+
+A put never evicts for nothing: it first checks that free slots, quarantined slots whose readers
+are gone and the slots of entries nobody reads add up to what it needs, skips the put otherwise,
+and then evicts only readerless entries, oldest first (an entry under a live view stays cached:
+evicting it would free no slot).
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -30,9 +45,10 @@ from .metrics import TierMetrics
 class _Entry:
     slots: list[int]
     nbytes: int
-    view: weakref.ref | None = None  # the zero-copy view last handed out, if any
+    view: weakref.ref | None = None  # the zero-copy array last handed out; alive while any derived view is
 
     def has_reader(self) -> bool:
+        """Whether a zero-copy array of these slots (or anything derived from it) is still alive."""
         return self.view is not None and self.view() is not None
 
 
@@ -124,14 +140,14 @@ class CpuBackend(StorageBackend):
         return stored
 
     def _reserve(self, key: str, nbytes: int) -> tuple[np.ndarray, _Entry] | None:
-        """Drop the old copy of ``key`` and take free slots for ``nbytes`` (evicting if needed)."""
+        """Take free slots for ``nbytes``, evicting if needed (the old copy of ``key`` first); None if
+        they cannot be had. An old copy not evicted here stays readable until the put publishes."""
         need = -(-nbytes // self.slot_bytes)
         with self._lock:
             if self._pool is None or nbytes == 0 or need > len(self._pool):
                 return None
-            self._remove(key)
-            if not self._make_room(need):
-                return None
+            if not self._make_room(need, replacing=key):
+                return None  # the old copy of ``key`` (if any) stays: it holds the same bytes
             return self._pool, _Entry(sorted(self._free.pop() for _ in range(need)), nbytes)
 
     def delete(self, keys: Sequence[str]) -> int:
@@ -166,9 +182,15 @@ class CpuBackend(StorageBackend):
             self._free.extend(reversed(entry.slots))
         self._used_bytes -= entry.nbytes
 
-    def _make_room(self, need: int) -> bool:
-        """Evict LRU entries until ``need`` slots are free; False if readers pin too many slots."""
-        if len(self._free) < need and self._quarantine:
+    def _make_room(self, need: int, replacing: str | None = None) -> bool:
+        """Make ``need`` slots free, or change nothing and return False if readers pin too many.
+
+        Quarantined slots whose readers are gone are reclaimed first, then readerless entries are
+        evicted: the old copy of ``replacing`` first (the put supersedes it), then oldest first.
+        Entries under a live view are never evicted here, since that would free no slot."""
+        if len(self._free) >= need:
+            return True
+        if self._quarantine:
             still_read = []
             for entry in self._quarantine:
                 if entry.has_reader():
@@ -176,11 +198,25 @@ class CpuBackend(StorageBackend):
                 else:
                     self._free.extend(reversed(entry.slots))
             self._quarantine = still_read
-        while len(self._free) < need and self._entries:
-            _, entry = self._entries.popitem(last=False)
+        victims: list[str] = []
+        freed = len(self._free)
+        old = self._entries.get(replacing) if replacing is not None else None
+        candidates = chain([replacing] if old is not None else [], (k for k in self._entries if k != replacing))
+        for key in candidates:  # lazily: the usual case stops after the first few
+            if freed >= need:
+                break
+            entry = self._entries[key]
+            if not entry.has_reader():
+                victims.append(key)
+                freed += len(entry.slots)
+        if freed < need:
+            return False
+        for key in victims:
+            entry = self._entries.pop(key)
             self._release(entry)
-            self.metrics.evicted(1, entry.nbytes)
-        return len(self._free) >= need
+            if key != replacing:
+                self.metrics.evicted(1, entry.nbytes)
+        return True
 
     def _write(self, pool: np.ndarray, entry: _Entry, view: memoryview) -> None:
         src = np.frombuffer(view, dtype=np.uint8)
@@ -193,9 +229,9 @@ class CpuBackend(StorageBackend):
         first, count = entry.slots[0], len(entry.slots)
         if entry.slots[-1] - first == count - 1:
             view = entry.view() if entry.view is not None else None
-            if view is None:
-                view = self._pool[first : first + count].reshape(-1)[: entry.nbytes]
-                view.flags.writeable = False
+            if view is None:  # built on a memoryview, so derived views keep it alive (module docstring)
+                slots = memoryview(self._pool[first : first + count].reshape(-1)[: entry.nbytes]).toreadonly()
+                view = np.frombuffer(slots, dtype=np.uint8)  # read-only, and cannot be made writeable
                 entry.view = weakref.ref(view)
             return view
         out = np.empty(entry.nbytes, dtype=np.uint8)
