@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,6 +61,7 @@ class ChunkStore:
         self._encoder: ThreadPoolExecutor | None = None  # GPU saves: encodes once the gather is done
         self._encoding: set[Future] = set()
         self._encoding_lock = threading.Lock()
+        self._flush_late = False  # a flush ran out of time; logged once until one completes
 
     def digest(self, salt: str = "") -> bytes:
         """The namespace digest for a request salt (cache_salt, LoRA adapter...), cached."""
@@ -156,15 +158,25 @@ class ChunkStore:
             for j, chunk in enumerate(out):
                 key = keys[start + j]
                 items.append((key, encode_chunk(key, self.namespace.kv_dtype, tuple(chunk.shape), format_id,
-                                                self.namespace.model, num_tokens[start + j], _as_bytes(chunk))))
+                                                self.namespace.model, num_tokens[start + j], _as_bytes(chunk),
+                                                mac_key=self.store.integrity_key)))
         return self.store.put(items) if wait else self.store.put_async(items)
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until every save so far has reached every tier (GPU gathers, encoding, tier writes)."""
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every save so far has reached every tier (GPU gathers, encoding, tier writes), at
+        most ``timeout`` seconds in all (None: the store's ``flush_timeout_s``, never unbounded: a hung
+        tier must not hang a producer's step). False if time ran out, logged once until a flush completes."""
+        limit = self.store.flush_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + limit
         with self._encoding_lock:
             pending = list(self._encoding)
-        futures_wait(pending, timeout)
-        self.store.flush(timeout)
+        _, encoding = futures_wait(pending, limit)
+        flushed = self.store.flush(max(0.0, deadline - time.monotonic())) and not encoding
+        if not flushed and not self._flush_late:
+            log.warning("kvtier: saves had not reached every tier after %.1f s; going on without waiting "
+                        "for them (not logged again until a flush completes)", limit)
+        self._flush_late = not flushed
+        return flushed
 
     def close(self) -> None:
         """Stop the encoding thread (after the saves it holds)."""

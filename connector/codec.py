@@ -4,6 +4,11 @@ to a 64-byte boundary, raw bytes (aligned, so copy kernels and vectorised copies
 Decoding trusts nothing: every field is type- and range-checked and every size is bounded before
 anything is allocated, so a corrupt, truncated or hostile blob becomes a :class:`ChunkCorrupt`
 (which the stores count and turn into a miss). No pickle, no ``torch.load``.
+
+With an integrity key (``connector/integrity.py``) the header also carries ``mac``, a keyed MAC of
+the payload and of the fields ``_mac_fields`` lists; a reader with a key rejects a chunk whose MAC
+is missing or wrong, a reader without one ignores it. A new header field that decides how the
+payload is used must be added to ``_mac_fields``.
 """
 
 from __future__ import annotations
@@ -11,11 +16,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from math import prod
+from typing import TYPE_CHECKING
 
 import msgpack
 import xxhash
 
 from .keys import FORMAT_VERSION
+
+if TYPE_CHECKING:
+    from .integrity import IntegrityKey
 
 MAGIC = b"KVT\x01"
 _PREFIX = struct.Struct("<4sIQ")  # magic, header length, xxh3-64 of the header bytes
@@ -24,6 +33,8 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 4 * 1024**3
 MAX_DIMS = 8
 PAYLOAD_ALIGN = 64
+MAC_BYTES = 32  # connector/integrity.py
+_HEX = frozenset("0123456789abcdef")
 
 # dtype name -> item size. fp8 and bf16 are moved as bytes; the name only has to round-trip.
 DTYPE_SIZES: dict[str, int] = {
@@ -55,6 +66,8 @@ class ChunkHeader:
     num_tokens: int
     checksum: int
     version: int = FORMAT_VERSION
+    shard: str = ""  # which part of the model's KV: tensor/pipeline rank and layers (KeyNamespace.shard_id)
+    mac: bytes = b""  # keyed MAC (see connector/integrity.py); empty when written without an integrity key
 
     @property
     def nbytes(self) -> int:
@@ -73,31 +86,40 @@ def payload_checksum(payload: memoryview | bytes) -> int:
     return xxhash.xxh3_64_intdigest(payload)
 
 
+def _mac_fields(version: int, key: str, dtype: str, shape: tuple[int, ...], layout: str, model: str,
+                num_tokens: int, shard: str, nbytes: int) -> list:
+    """What the MAC covers besides the payload: every field that decides how the payload is used."""
+    return [version, key, dtype, list(shape), layout, model, num_tokens, shard, nbytes]
+
+
 def encode_header(
     key: str, dtype: str, shape: tuple[int, ...], layout: str, model: str, num_tokens: int,
-    payload: memoryview | bytes,
+    payload: memoryview | bytes, *, shard: str = "", mac_key: IntegrityKey | None = None,
 ) -> bytes:
-    """The prefix + msgpack header for ``payload``; the stored blob is this followed by the payload."""
+    """The prefix + msgpack header for ``payload``; the stored blob is this followed by the payload.
+    With ``mac_key`` the header carries the chunk's keyed MAC."""
     if dtype not in DTYPE_SIZES:
         raise ValueError(f"unsupported dtype {dtype!r}; allowed: {sorted(DTYPE_SIZES)}")
     nbytes = memoryview(payload).nbytes
     expected = prod(shape) * DTYPE_SIZES[dtype]
     if nbytes != expected:
         raise ValueError(f"payload has {nbytes} bytes but shape {shape} of {dtype} needs {expected}")
-    header = msgpack.packb(
-        {
-            "v": FORMAT_VERSION,
-            "key": key,
-            "dtype": dtype,
-            "shape": list(shape),
-            "layout": layout,
-            "model": model,
-            "tokens": num_tokens,
-            "nbytes": nbytes,
-            "xxh3": payload_checksum(payload),
-        },
-        use_bin_type=True,
-    )
+    values = {
+        "v": FORMAT_VERSION,
+        "key": key,
+        "dtype": dtype,
+        "shape": list(shape),
+        "layout": layout,
+        "model": model,
+        "tokens": num_tokens,
+        "shard": shard,
+        "nbytes": nbytes,
+        "xxh3": payload_checksum(payload),
+    }
+    if mac_key is not None:  # hex: readers that predate the MAC accept strings, not bin fields
+        fields = _mac_fields(FORMAT_VERSION, key, dtype, shape, layout, model, num_tokens, shard, nbytes)
+        values["mac"] = mac_key.mac(fields, payload).hex()
+    header = msgpack.packb(values, use_bin_type=True)
     prefix = _PREFIX.pack(MAGIC, len(header), xxhash.xxh3_64_intdigest(header))
     return prefix + header + bytes(payload_offset(len(header)) - PREFIX_BYTES - len(header))
 
@@ -109,10 +131,10 @@ def payload_offset(header_len: int) -> int:
 
 def encode_chunk(
     key: str, dtype: str, shape: tuple[int, ...], layout: str, model: str, num_tokens: int,
-    payload: memoryview | bytes,
+    payload: memoryview | bytes, *, shard: str = "", mac_key: IntegrityKey | None = None,
 ) -> bytearray:
     """One contiguous blob (header and payload together, so no reader ever sees half a chunk)."""
-    head = encode_header(key, dtype, shape, layout, model, num_tokens, payload)
+    head = encode_header(key, dtype, shape, layout, model, num_tokens, payload, shard=shard, mac_key=mac_key)
     out = bytearray(len(head) + memoryview(payload).nbytes)
     out[: len(head)] = head
     out[len(head) :] = memoryview(payload).cast("B")
@@ -169,17 +191,27 @@ def decode_header(blob: memoryview | bytes) -> tuple[ChunkHeader, int]:
     num_tokens = _field(raw, "tokens", int)
     if num_tokens < 0:
         raise ChunkCorrupt("negative token count")
+    shard = raw.get("shard", "")
+    if not isinstance(shard, str):
+        raise ChunkCorrupt("header field 'shard' of wrong type")
+    mac = raw.get("mac", "")
+    if not isinstance(mac, str) or len(mac) not in (0, 2 * MAC_BYTES) or not all(c in _HEX for c in mac):
+        raise ChunkCorrupt("header field 'mac' is not a hex MAC")
     header = ChunkHeader(
         key=_field(raw, "key", str), dtype=dtype, shape=shape, layout=_field(raw, "layout", str),
-        model=_field(raw, "model", str), num_tokens=num_tokens, checksum=checksum, version=version,
+        model=_field(raw, "model", str), num_tokens=num_tokens, checksum=checksum, version=version, shard=shard,
+        mac=bytes.fromhex(mac),
     )
     return header, payload_offset(header_len)
 
 
-def decode_chunk(blob: memoryview | bytes, expected_key: str, verify_checksum: bool = True) -> Chunk:
+def decode_chunk(blob: memoryview | bytes, expected_key: str, verify_checksum: bool = True,
+                 mac_key: IntegrityKey | None = None) -> Chunk:
     """Validate a stored blob fully and return its header and payload view.
 
-    ``verify_checksum=False`` is for process-local tiers whose bytes never left this process.
+    ``verify_checksum=False`` is for process-local tiers whose bytes never left this process (then
+    the MAC is not checked either). With ``mac_key`` a chunk without a valid MAC is corrupt: it was
+    written without the key, with another key, or changed since (xxh3 alone an attacker recomputes).
     """
     header, offset = decode_header(blob)
     if header.key != expected_key:
@@ -193,4 +225,11 @@ def decode_chunk(blob: memoryview | bytes, expected_key: str, verify_checksum: b
     payload = view[offset:]
     if verify_checksum and payload_checksum(payload) != header.checksum:
         raise ChunkCorrupt("payload checksum mismatch")
+    if verify_checksum and mac_key is not None:
+        if not header.mac:
+            raise ChunkCorrupt("chunk has no integrity MAC (written without the integrity key)")
+        fields = _mac_fields(header.version, header.key, header.dtype, header.shape, header.layout, header.model,
+                             header.num_tokens, header.shard, header.nbytes)
+        if not mac_key.verify(fields, payload, header.mac):
+            raise ChunkCorrupt("integrity MAC mismatch (written with another key, or changed since)")
     return Chunk(header=header, payload=payload.toreadonly())

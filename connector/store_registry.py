@@ -7,6 +7,7 @@ memory. This is the only process-wide state kvtier keeps, behind a lock, referen
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ from kvtier.config import KVTierConfig
 from kvtier.storage_backends.factory import build_store, serve_metrics
 from kvtier.storage_backends.metrics import MetricSet
 from kvtier.storage_backends.tiered import TieredStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,7 +47,8 @@ class StoreRegistry:
             return entry.store, entry.metric_set
 
     def release(self, config: KVTierConfig) -> None:
-        """Drop one user; the last one flushes pending writes and closes the store."""
+        """Drop one user; the last one flushes pending writes (at most ``flush_timeout_s``: a hung tier
+        must not hang the engine's shutdown) and closes the store."""
         key = config.model_dump_json()
         with self._lock:
             entry = self._entries.get(key)
@@ -54,11 +58,12 @@ class StoreRegistry:
             if entry.users > 0:
                 return
             del self._entries[key]
-        entry.store.flush()
-        entry.store.close()
+        if not entry.store.flush():
+            log.warning("kvtier: writes still queued after %.1f s (flush_timeout_s) at shutdown; dropping them",
+                        entry.store.flush_timeout_s)
+        entry.store.close(timeout=0)
         if entry.metrics_server is not None:
             entry.metrics_server.shutdown()
-
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per-tier counters of every open store (tiers of different configs merged by name)."""

@@ -27,7 +27,7 @@ CONFIG=${PD_CONFIG:-examples/configs/pd-disk.yaml}
 PREFILL_PORT=${PREFILL_PORT:-8100}
 DECODE_PORT=${DECODE_PORT:-8200}
 PROXY_PORT=${PROXY_PORT:-8000}
-LOG_DIR=${LOG_DIR:-/tmp}
+LOG_DIR=${LOG_DIR:-$(mktemp -d -t kvtier-pd-logs.XXXXXX)}  # private (0700), not fixed names in /tmp
 # Extra server arguments, e.g. SERVE_ARGS="--max-model-len 4096 --dtype float32 --enforce-eager"
 read -r -a EXTRA <<< "${SERVE_ARGS:-}"
 

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvtier.storage_backends.redis_backend import mask_url
+from kvtier.urls import redact_text
 
 from . import __version__
 from .config import ConfigError, DiskTier, RedisTier, load_config
@@ -31,6 +32,10 @@ def _check_config(args: argparse.Namespace, console: Console) -> int:
     console.print(table)
     console.print(f"chunk_size={config.chunk_size} write_policy={config.write_policy} "
                   f"namespace={config.namespace!r} metrics_port={config.metrics.port}")
+    from kvtier.connector.integrity import load_integrity_key
+
+    key = load_integrity_key(config)  # a bad key file or variable is a ConfigError, as at start-up
+    console.print(f"integrity key: {key.source + ' (read, ok)' if key else 'none (chunks are checksummed, not MACed)'}")
     return 0
 
 
@@ -103,8 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (OSError, ConnectionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # e.g. a --redis URL that is not host:port; masked, as every URL we print
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kvtier.urls import check_redis_url, mask_url
 
 ENV_PREFIX = "KVTIER_"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -71,6 +73,9 @@ class DiskTier(_Strict):
     name: str = "disk"
     path: str = Field(min_length=1)
     max_bytes: ByteSize = 10 * 2**30
+    # Longest wait for the folder's lock (held by another process sharing it): a put or delete that does
+    # not get it in time is skipped and counted, a start-up goes on without it. Finite, so nothing hangs.
+    lock_timeout_s: float = Field(default=2.0, gt=0, le=600)
 
     _sizes = field_validator("max_bytes", mode="before")(lambda v: parse_byte_size(v))
 
@@ -97,10 +102,18 @@ class RedisTier(_Strict):
     @field_validator("url")
     @classmethod
     def _scheme(cls, v: str) -> str:
+        """The message never quotes the URL (the error shows it masked, see ``_format_error``)."""
         if not re.match(r"^rediss?(\+cluster)?://", v):
             raise ValueError("must match rediss?:// (one server) or rediss?+cluster://host:port[,host:port...] "
                              "(Redis Cluster)")
+        if "+cluster://" not in v:
+            check_redis_url(v)  # a URL redis-py would misread (raw / ? # in a password) is refused here
         return v
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """``repr`` and ``str`` show the URL masked: configs end up in logs and tracebacks."""
+        for name, value in super().__repr_args__():
+            yield name, mask_url(value) if name == "url" and isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _cluster_url(self) -> RedisTier:
@@ -146,8 +159,40 @@ class KVTierConfig(_Strict):
     namespace: str = ""  # tenant / cache salt: separates caches that share a store
     model_id: str | None = None  # names the model in keys; default: the engine's model name or path
     max_pending_writes: int = Field(default=64, ge=1, le=1 << 16)  # batches queued for lower tiers
+    # Longest wait for queued writes to reach their tiers: a producer's save wait, a flush without a
+    # timeout, and shutdown (what is still queued then is dropped). Finite, so a hung tier never hangs them.
+    flush_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    # The scheduler waits this long at most for a tier that is not process-local to answer a lookup; a
+    # tier that does not is a miss and is skipped with backoff until it answers in time. A Redis lookup
+    # costs about 10 us per key on loopback (2048 keys, a 128k-token prompt in 64-token pages: 20-50 ms),
+    # so raise it for longer prompts in smaller chunks; a stalled tier costs at most this, once per backoff.
+    lookup_budget_s: float = Field(default=0.1, gt=0, le=60)
     metrics: MetricsConfig = MetricsConfig()
     gpu: GpuConfig = GpuConfig()
+    # A shared secret that turns each chunk's checksum into a keyed MAC (connector/integrity.py), so that
+    # whoever can write a shared store cannot inject KV. Named here, read when the store is built: a file
+    # (0600, at least 16 bytes) or an environment variable. The secret itself never enters the config.
+    integrity_key_file: str | None = Field(default=None, min_length=1)
+    integrity_key_env: str | None = Field(default=None, min_length=1)
+
+    @field_validator("integrity_key_file")
+    @classmethod
+    def _expand_key_file(cls, v: str | None) -> str | None:
+        return None if v is None else os.path.expanduser(os.path.expandvars(v))
+
+    @field_validator("integrity_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError("must be the name of an environment variable ([A-Za-z_][A-Za-z0-9_]*) that holds the "
+                             "secret, not the secret itself")
+        return v
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> KVTierConfig:
+        if self.integrity_key_file is not None and self.integrity_key_env is not None:
+            raise ValueError("integrity_key_file and integrity_key_env are both set: set at most one")
+        return self
 
     @model_validator(mode="after")
     def _unique_tier_names(self) -> KVTierConfig:
@@ -177,6 +222,19 @@ def _model_at(loc: tuple) -> type[BaseModel]:
     return KVTierConfig
 
 
+# Keys whose rejected value is never echoed: it may be the secret itself, put there by mistake.
+_HIDDEN_INPUTS = {"integrity_key_env"}
+
+
+def _shown_input(loc: tuple, value: Any) -> str:
+    """A rejected value as an error shows it: URLs with credentials masked, secrets not at all."""
+    if loc and loc[-1] in _HIDDEN_INPUTS:
+        return "(value not shown)"
+    if isinstance(value, str) and (loc[-1:] == ("url",) or "://" in value or "@" in value):
+        return repr(mask_url(value))
+    return repr(value)
+
+
 def _format_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -196,7 +254,7 @@ def _format_error(err: ValidationError) -> str:
         elif isinstance(e.get("input"), dict):
             lines.append(f"{where}: {msg}")
         else:
-            lines.append(f"{where} = {e.get('input')!r}: {msg}")
+            lines.append(f"{where} = {_shown_input(loc, e.get('input'))}: {msg}")
     return "invalid kvtier config: " + "; ".join(lines)
 
 
@@ -245,7 +303,10 @@ def load_config(
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid kvtier config: {path or 'default'} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)  # not str(exc): it quotes the line, which may hold a password
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"invalid kvtier config: {path or 'default'} is not valid YAML{at}: "
+                          f"{getattr(exc, 'problem', None) or type(exc).__name__}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

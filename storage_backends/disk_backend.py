@@ -1,8 +1,9 @@
 """Local-disk tier: one file per chunk under a byte cap, shareable by several processes.
 
 Layout: ``<root>/<key[:2]>/<key>.kvc`` (the whole encoded chunk, see ``kvtier.connector.codec``),
-plus ``<root>/.lock`` (``flock`` target) and ``<root>/.generation`` (writer counter). Folders are
-0700 and files 0600 whatever the umask, because a KV cache holds what users prompted.
+plus ``<root>/.lock`` (``flock`` target, see ``disk_lock``) and ``<root>/.generation`` (writer
+counter). Folders are 0700 and files 0600 whatever the umask, because a KV cache holds what users
+prompted; a folder another user could write or swap is refused (see ``disk_folder``).
 
 Durability: a chunk is written to ``.<key>.<pid>.<token>.tmp`` in its subfolder and ``os.replace``-d
 onto its name, so a crash never leaves a torn file under a chunk name. There is deliberately no
@@ -14,98 +15,41 @@ into a counted miss.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
+import math
 import os
-import re
 import secrets
 import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import TypeVar
 
-from kvtier.connector.codec import MAX_HEADER_BYTES, PREFIX_BYTES
-
 from .base import Buffer, StorageBackend
+from .disk_files import (
+    SUFFIX,
+    check_key,
+    read_whole,
+    remove_dead_temps,
+    round_up,
+    scan_chunks,
+    space_shortfall,
+    summarize_disk,
+)
+from .disk_folder import UnsafeCacheFolder, prepare_folder
+from .disk_lock import FolderLock, open_private
 from .metrics import TierMetrics
-from .summary import StoreSummary
 
 log = logging.getLogger(__name__)
 
-_KEY_RE = re.compile(r"[0-9a-f]{64}")
-_SUFFIX = ".kvc"
 _GEN = struct.Struct("<Q")
-_STALE_TMP_SECONDS = 600.0
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 T = TypeVar("T")
 
-
-def _check_key(key: object) -> str:
-    """Keys become file names: only 64 lowercase hex characters, so no key can leave the root."""
-    if not isinstance(key, str) or _KEY_RE.fullmatch(key) is None:
-        raise ValueError(f"invalid chunk key {key!r}: expected 64 lowercase hex characters")
-    return key
-
-
-def _open_private(path: Path, flags: int) -> int:
-    """Open ``path``, creating it 0600 (whatever the umask) if it does not exist yet."""
-    try:
-        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        return os.open(path, flags | os.O_CLOEXEC)
-    os.fchmod(fd, 0o600)
-    return fd
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except PermissionError:
-        return True  # another user's live process
-    except (OSError, OverflowError):
-        return False
-    return True
-
-
-def _scan_chunks(root: Path) -> list[tuple[int, str, int]]:
-    """(mtime_ns, key, size) of every chunk file, oldest first; files vanishing meanwhile are skipped."""
-    found: list[tuple[int, str, int]] = []
-    with os.scandir(root) as subs:
-        for sub in subs:
-            if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
-                continue
-            with suppress(FileNotFoundError, NotADirectoryError), os.scandir(sub.path) as files:
-                for f in files:
-                    key = f.name[: -len(_SUFFIX)]
-                    if f.name.endswith(_SUFFIX) and _KEY_RE.fullmatch(key) and key[:2] == sub.name:
-                        with suppress(FileNotFoundError):
-                            st = f.stat(follow_symlinks=False)
-                            found.append((st.st_mtime_ns, key, st.st_size))
-    found.sort()
-    return found
-
-
-def _remove_dead_temps(root: Path) -> None:
-    """Delete temp files of writers that died (pid gone) or stalled (older than 10 minutes)."""
-    now = time.time()
-    for tmp in root.glob("[0-9a-f][0-9a-f]/.*.tmp"):
-        pid = tmp.name[1:-4].split(".")[-2:-1]  # .<key>.<pid>.<token>.tmp
-        alive = bool(pid) and pid[0].isdigit() and _pid_alive(int(pid[0]))
-        with suppress(FileNotFoundError):
-            if not alive or now - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
-                tmp.unlink()
-
-
-def _read_whole(path: Path) -> bytes:
-    """The whole file (one uninitialised allocation, no zero-fill); touches its mtime for LRU across restarts."""
-    with open(path, "rb", buffering=0) as f:
-        data = f.read()  # a short result (truncated under us) is rejected by the checksum above
-        with suppress(OSError):  # a read-only medium loses recency, not the hit
-            os.utime(f.fileno())
-        return data
+__all__ = ["DiskBackend", "UnsafeCacheFolder", "summarize_disk"]
 
 
 class DiskBackend(StorageBackend):
@@ -124,88 +68,166 @@ class DiskBackend(StorageBackend):
     never exceeds ``max_bytes``. Opening a folder that holds more than ``max_bytes`` (a smaller cap
     than last time) evicts the least recently used chunks down to the cap in the constructor.
 
-    Medium failures (ENOSPC, EIO, EACCES, a vanished folder) never raise from the batch methods:
-    they become misses or skipped stores, counted with ``metrics.error(op)`` and logged once per
-    operation type until that operation succeeds again.
+    No wait is unbounded: the lock (and this process's writer mutex) is waited for at most
+    ``lock_timeout_s``; a put or delete that gets neither in time is skipped and counted, logged
+    once until the lock is free again. Reads never take the lock. A constructor that cannot get it
+    starts anyway, from an unlocked scan and without start-up eviction (the first put evicts).
+
+    Medium failures never raise from the batch methods: they become misses or skipped stores,
+    counted with ``metrics.error(op)`` and logged once per operation type until that operation
+    succeeds again. A folder that cannot be written at start (read-only mount) serves reads and
+    skips stores; one that cannot be created serves misses. A file system that fills up below
+    ``max_bytes`` (ENOSPC, EDQUOT) makes the tier evict least recently used chunks and retry the
+    write once; from then on each write first checks ``statvfs`` and evicts ahead, so writes keep
+    landing and the newest chunks stay (logged once until a write fits without evicting).
     """
 
     def __init__(
         self, path: str | os.PathLike[str], max_bytes: int, *, name: str = "disk",
-        metrics: TierMetrics | None = None,
+        metrics: TierMetrics | None = None, lock_timeout_s: float = 2.0,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        if not 0 < lock_timeout_s < math.inf:
+            raise ValueError(f"lock_timeout_s must be a positive, finite number of seconds, got {lock_timeout_s}")
         super().__init__(name, metrics or TierMetrics(name))
-        self.root, self.max_bytes = Path(path), int(max_bytes)
+        self.root, self.max_bytes, self.lock_timeout_s = Path(path), int(max_bytes), float(lock_timeout_s)
         self._write_mu = threading.Lock()  # one writing thread at a time (flock is per process)
         self._index_mu = threading.Lock()  # short critical sections on the index
         self._index: OrderedDict[str, int] = OrderedDict()
         self._used = 0
         self._gen: int | None = None
-        self._lock_fd: int | None = None
-        self._lock_pid = 0
+        self._lock = FolderLock(self.root / ".lock")
         self._failing: set[str] = set()
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        with suppress(FileExistsError):  # an existing folder keeps its mode; a file fails below
-            os.mkdir(self.root, 0o700)
-            os.chmod(self.root, 0o700)  # mkdir's mode is masked by the umask
-        with self._write_mu, self._locked():
-            _remove_dead_temps(self.root)
-            self._rescan()
-            if self._evict_until(0, keep=None):
-                self._generation(bump=True)
+        self._read_only = False  # the folder cannot be written (or created): stores are skipped
+        self._lock_stuck = False  # a lock-timeout episode is on (logged once)
+        self._watch_space = False  # an ENOSPC was seen: check statvfs before every write
+        self._space_short = False  # a full-file-system episode is on (logged once)
+        self._close_pending = False  # close() came while a writer held the mutex
+        self._evictions = 0
+        self._start()
         self._publish_usage()
+
+    def _start(self) -> None:
+        """Create/check the folder, then clean up and evict under the lock; degrade instead of failing."""
+        failure = prepare_folder(self.root)  # raises for an unsafe folder or a path that is not one
+        if failure is not None:
+            self._read_only = True
+            log.warning("disk tier %s: cannot create the folder (%s); serving misses and skipping stores",
+                        self.root, failure)
+            return
+        try:
+            self._lock.open()
+        except OSError as exc:
+            self._read_only = True
+            log.warning("disk tier %s: the folder is not writable (%s); serving reads only and skipping stores",
+                        self.root, exc)
+            self._scan_unlocked()
+            return
+        with self._write_mu:
+            if not self._lock.acquire(self.lock_timeout_s):
+                log.warning("disk tier %s: another process has held %s for more than %.1f s (lock_timeout_s); "
+                            "starting from an unlocked scan, without start-up eviction", self.root,
+                            self._lock.path, self.lock_timeout_s)
+                self._scan_unlocked()
+                return
+            try:
+                remove_dead_temps(self.root)
+                self._rescan()
+                if self._evict_until(0, keep=None):
+                    self._bump_generation()
+            except OSError as exc:
+                self._failed("open", exc)
+            finally:
+                self._lock.release()
+
+    def _scan_unlocked(self) -> None:
+        """Index the folder without the lock; the first locked put rescans (``_gen`` unknown)."""
+        try:
+            self._rescan()
+        except OSError as exc:
+            self._failed("open", exc)
+        self._gen = None
 
     # -- lock, generation, index ------------------------------------------------------------------
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the cross-process lock; reopen its file after a fork or if it was replaced."""
-        lock_path = self.root / ".lock"
-        fd = self._lock_fd
-        if fd is not None and (self._lock_pid != os.getpid() or os.fstat(fd).st_ino != os.stat(lock_path).st_ino):
-            self._close_lock()
-            fd = None
-        if fd is None:
-            fd = _open_private(lock_path, os.O_RDWR)
-            self._lock_fd, self._lock_pid = fd, os.getpid()
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    def _acquire(self, op: str) -> bool:
+        """Hold the writer mutex and the folder lock, waiting at most ``lock_timeout_s`` for both.
+
+        False (counted as an error of ``op``, logged once per episode) when either is still busy.
+        Raises OSError when the lock file cannot be opened (the folder vanished).
+        """
+        deadline = time.monotonic() + self.lock_timeout_s
+        if not self._write_mu.acquire(timeout=self.lock_timeout_s):
+            self._lock_busy(op, "another thread of this process has been writing")
+            return False
         try:
-            yield
+            got = self._lock.acquire(max(0.0, deadline - time.monotonic()))
+        except BaseException:
+            self._release_mutex()
+            raise
+        if not got:
+            self._release_mutex()
+            self._lock_busy(op, f"another process has held {self._lock.path}")
+            return False
+        if self._lock_stuck:
+            self._lock_stuck = False
+            log.info("disk tier %s: the lock is free again", self.root)
+        return True
+
+    def _release(self) -> None:
+        self._lock.release()
+        self._release_mutex()
+
+    def _release_mutex(self) -> None:
+        if self._close_pending:
+            self._close_pending = False
+            self._lock.close()
+        self._write_mu.release()
+
+    def _lock_busy(self, op: str, why: str) -> None:
+        self.metrics.error(op)
+        if not self._lock_stuck:
+            self._lock_stuck = True
+            log.warning("disk tier %s: %s for more than %.1f s (lock_timeout_s); skipping stores and deletes "
+                        "until it is free (counted in kvtier_errors_total)", self.root, why, self.lock_timeout_s)
+
+    def _read_generation(self) -> int:
+        """The shared writer counter (0 before the first write); works on a read-only folder."""
+        try:
+            fd = os.open(self.root / ".generation", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0
+        try:
+            raw = os.pread(fd, _GEN.size, 0)
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        return _GEN.unpack(raw)[0] if len(raw) == _GEN.size else 0
 
-    def _close_lock(self) -> None:
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            with suppress(OSError):
-                os.close(fd)
-
-    def _generation(self, bump: bool = False) -> int:
-        """Read (with ``bump``: increment) the shared writer counter. Call under the lock."""
-        fd = _open_private(self.root / ".generation", os.O_RDWR)
+    def _bump_generation(self) -> None:
+        """Increment the shared writer counter. Call under the lock."""
+        fd = open_private(self.root / ".generation", os.O_RDWR)
         try:
             raw = os.pread(fd, _GEN.size, 0)
             gen = _GEN.unpack(raw)[0] if len(raw) == _GEN.size else 0
-            if bump:
-                gen = (gen + 1) & 0xFFFF_FFFF_FFFF_FFFF
-                os.pwrite(fd, _GEN.pack(gen), 0)
-                self._gen = gen
-            return gen
+            gen = (gen + 1) & 0xFFFF_FFFF_FFFF_FFFF
+            os.pwrite(fd, _GEN.pack(gen), 0)
+            self._gen = gen
         finally:
             os.close(fd)
 
     def _rescan(self) -> None:
-        """Rebuild the index from the folder. Call under the lock."""
-        gen = self._generation()
-        index = OrderedDict((key, size) for _, key, size in _scan_chunks(self.root))
+        """Rebuild the index from the folder. Call under the lock (or with ``_gen`` reset afterwards)."""
+        gen = self._read_generation()
+        index = OrderedDict((key, size) for _, key, size in scan_chunks(self.root))
         with self._index_mu:
             self._index, self._used, self._gen = index, sum(index.values()), gen
 
-    def _evict_until(self, extra: int, keep: str | None) -> int:
-        """Unlink least recently used files until ``used + extra <= max_bytes``. Call under the lock."""
-        chunks = nbytes = 0
-        while self._used + extra > self.max_bytes:
+    def _evict(self, keep: str | None, enough: Callable[[int, int], bool], block: int = 1) -> int:
+        """Unlink least recently used files (never ``keep``) until ``enough(chunks, bytes)``, bytes
+        counted in ``block`` units. Call under the lock."""
+        chunks = nbytes = freed = 0
+        while not enough(chunks, freed):
             with self._index_mu:
                 victim = next((k for k in self._index if k != keep), None)
             if victim is None:
@@ -215,13 +237,36 @@ class DiskBackend(StorageBackend):
             with self._index_mu:
                 size = self._index.pop(victim)
                 self._used -= size
-            chunks, nbytes = chunks + 1, nbytes + size
+            chunks, nbytes, freed = chunks + 1, nbytes + size, freed + round_up(size, block)
         if chunks:
             self.metrics.evicted(chunks, nbytes)
+            self._evictions += chunks
         return chunks
 
+    def _evict_until(self, extra: int, keep: str | None) -> int:
+        """Evict until ``used + extra <= max_bytes``. Call under the lock."""
+        return self._evict(keep, lambda _chunks, _freed: self._used + extra <= self.max_bytes)
+
+    def _evict_for_space(self, size: int, keep: str, failure: OSError | None = None) -> int:
+        """Evict what the file system lacks for this write and as much headroom (``space_shortfall``);
+        after a ``failure`` (ENOSPC although statvfs saw room) at least this chunk's size. Call under the lock."""
+        short_bytes, short_inodes, block = space_shortfall(self.root, size) or (0, 0, 1)
+        if failure is not None:
+            short_bytes, short_inodes = max(short_bytes, round_up(size, block)), max(short_inodes, 1)
+        if short_bytes <= 0 and short_inodes <= 0:
+            return 0
+        self._space_warning(failure.strerror if failure is not None else f"{short_bytes} bytes / {short_inodes} "
+                            "inodes short of room for the next chunk")
+        return self._evict(keep, lambda chunks, freed: freed >= short_bytes and chunks >= short_inodes, block)
+
+    def _space_warning(self, detail: str) -> None:
+        if not self._space_short:
+            self._space_short = True
+            log.warning("disk tier %s: the file system is full below max_bytes (%s); evicting least recently "
+                        "used chunks to make room (not logged again until writes fit without)", self.root, detail)
+
     def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}{_SUFFIX}"
+        return self.root / key[:2] / f"{key}{SUFFIX}"
 
     def _publish_usage(self) -> None:
         with self._index_mu:
@@ -251,7 +296,7 @@ class DiskBackend(StorageBackend):
 
     def contains(self, keys: Sequence[str]) -> int:
         start, hits = time.perf_counter(), 0
-        for key in [_check_key(k) for k in keys]:
+        for key in [check_key(k) for k in keys]:
             if self._try("contains", os.stat, key) is None:
                 break
             hits += 1
@@ -260,8 +305,8 @@ class DiskBackend(StorageBackend):
 
     def get(self, keys: Sequence[str]) -> list[Buffer | None]:
         start, out, nbytes = time.perf_counter(), [], 0
-        for key in [_check_key(k) for k in keys]:
-            blob = self._try("get", _read_whole, key)
+        for key in [check_key(k) for k in keys]:
+            blob = self._try("get", read_whole, key)
             if blob is not None:
                 nbytes += len(blob)
                 with self._index_mu:
@@ -274,39 +319,69 @@ class DiskBackend(StorageBackend):
 
     def put(self, items: Sequence[tuple[str, Buffer]]) -> int:
         start = time.perf_counter()
-        prepared = [(_check_key(k), memoryview(b).cast("B")) for k, b in items]
-        stored = skipped = nbytes = 0
-        try:
-            with self._write_mu, self._locked():
-                if self._generation() != self._gen:
-                    self._rescan()
-                changed = False
-                for key, view in prepared:
-                    size = view.nbytes
-                    if size > self.max_bytes:
-                        skipped += 1
-                        continue
-                    try:
-                        changed |= self._evict_until(size - self._index.get(key, 0), keep=key) > 0
-                        self._write(key, view)
-                    except OSError as exc:
-                        self._failed("put", exc)
-                        skipped += 1
-                        continue
-                    with self._index_mu:
-                        self._used += size - self._index.pop(key, 0)
-                        self._index[key] = size
-                    changed, stored, nbytes = True, stored + 1, nbytes + size
-                if changed:
-                    self._generation(bump=True)
-            if stored:
-                self._failing.discard("put")
-        except OSError as exc:  # the lock or generation file failed: the folder itself is gone
-            self._failed("put", exc)
+        prepared = [(check_key(k), memoryview(b).cast("B")) for k, b in items]
+        stored = nbytes = 0
+        skipped = len(prepared)
+        if self._read_only and prepared:
+            self.metrics.error("put")  # warned once at start
+        elif prepared:
+            stored, nbytes = self._put_locked(prepared)
             skipped = len(prepared) - stored
         self._publish_usage()
         self.metrics.put(stored, skipped, nbytes, time.perf_counter() - start)
         return stored
+
+    def _put_locked(self, prepared: list[tuple[str, memoryview]]) -> tuple[int, int]:
+        """(chunks stored, bytes stored); every failure is counted and logged here."""
+        stored = nbytes = 0
+        try:
+            if not self._acquire("put"):
+                return 0, 0
+            try:
+                if self._read_generation() != self._gen:
+                    self._rescan()
+                evictions = self._evictions
+                for key, view in prepared:
+                    try:
+                        landed = self._store_one(key, view)
+                    except OSError as exc:
+                        self._failed("put", exc)
+                        continue
+                    if landed:
+                        stored, nbytes = stored + 1, nbytes + view.nbytes
+                if stored or self._evictions != evictions:
+                    self._bump_generation()
+            finally:
+                self._release()
+            if stored:
+                self._failing.discard("put")
+        except OSError as exc:  # the lock or generation file failed: the folder itself is gone
+            self._failed("put", exc)
+        return stored, nbytes
+
+    def _store_one(self, key: str, view: memoryview) -> bool:
+        """Make room and write one chunk; False if it can never fit. Call under the lock."""
+        size = view.nbytes
+        if size > self.max_bytes:
+            return False
+        self._evict_until(size - self._index.get(key, 0), keep=key)
+        needed_room = self._watch_space and self._evict_for_space(size, key) > 0
+        try:
+            self._write(key, view)
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                raise
+            self._watch_space = needed_room = True
+            if not self._evict_for_space(size, key, exc):
+                raise
+            self._write(key, view)  # once more; a second failure is a skipped, counted store
+        if self._space_short and not needed_room:
+            self._space_short = False
+            log.info("disk tier %s: writes fit on the file system again", self.root)
+        with self._index_mu:
+            self._used += size - self._index.pop(key, 0)
+            self._index[key] = size
+        return True
 
     def _write(self, key: str, view: memoryview) -> None:
         """Temp file + rename; the temp file is removed if anything fails."""
@@ -331,10 +406,17 @@ class DiskBackend(StorageBackend):
             raise
 
     def delete(self, keys: Sequence[str]) -> int:
-        checked, present = [_check_key(k) for k in keys], 0
+        checked, present = [check_key(k) for k in keys], 0
+        if not checked:
+            return 0
+        if self._read_only:
+            self.metrics.error("delete")
+            return 0
         try:
-            with self._write_mu, self._locked():
-                if self._generation() != self._gen:
+            if not self._acquire("delete"):
+                return 0
+            try:
+                if self._read_generation() != self._gen:
                     self._rescan()
                 for key in checked:
                     with suppress(FileNotFoundError):
@@ -343,7 +425,9 @@ class DiskBackend(StorageBackend):
                     with self._index_mu:
                         self._used -= self._index.pop(key, 0)
                 if present:
-                    self._generation(bump=True)
+                    self._bump_generation()
+            finally:
+                self._release()
             self._failing.discard("delete")
         except OSError as exc:
             self._failed("delete", exc)
@@ -351,31 +435,11 @@ class DiskBackend(StorageBackend):
         return present
 
     def close(self) -> None:
-        """Release the lock file handle (a later put or delete would reopen it)."""
-        with self._write_mu:
-            self._close_lock()
-
-
-def summarize_disk(path: str | os.PathLike[str]) -> StoreSummary:
-    """Chunks, bytes, models and layouts of a disk tier folder, reading only each file's header.
-
-    ``bytes`` sums every ``.kvc`` file (what counts against the cap); ``chunks`` and the
-    model/layout counters cover files whose header parses and names their own key; the rest are
-    ``unreadable``.
-    """
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(errno.ENOENT, "no kvtier disk tier folder here", str(root))
-    summary = StoreSummary(location=str(root))
-    for _, key, _ in _scan_chunks(root):
-        try:
-            with open(root / key[:2] / f"{key}{_SUFFIX}", "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                head = f.read(PREFIX_BYTES + MAX_HEADER_BYTES)
-        except FileNotFoundError:
-            continue  # evicted while we walked
-        except OSError:
-            summary.unreadable += 1
-            continue
-        summary.count(key, head, size)
-    return summary
+        """Release the lock file handle (a later put or delete reopens it). Never waits: while a put
+        or delete runs, that one closes the handle when it is done."""
+        if not self._write_mu.acquire(blocking=False):
+            self._close_pending = True
+            if not self._write_mu.acquire(blocking=False):  # still busy: it will see the flag
+                return
+        self._close_pending = True
+        self._release_mutex()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kvtier.config import CpuTier, DiskTier, KVTierConfig, RedisTier, TierConfig
+from kvtier.connector.integrity import load_integrity_key
 
 from .base import StorageBackend
 from .metrics import MetricSet, TierMetrics
@@ -18,7 +19,7 @@ def build_tier(cfg: TierConfig, metric_set: MetricSet) -> StorageBackend:
     if isinstance(cfg, DiskTier):
         from .disk_backend import DiskBackend
 
-        return DiskBackend(cfg.path, cfg.max_bytes, name=cfg.name, metrics=metrics)
+        return DiskBackend(cfg.path, cfg.max_bytes, name=cfg.name, metrics=metrics, lock_timeout_s=cfg.lock_timeout_s)
     if isinstance(cfg, RedisTier):
         from .redis_backend import RedisBackend
         from .redis_cluster import RedisClusterBackend, is_cluster_url
@@ -44,7 +45,9 @@ def _cpu_pool(cfg: CpuTier):  # -> np.ndarray | None
 
 
 def build_store(config: KVTierConfig, metric_set: MetricSet | None = None) -> TieredStore:
-    """The tiers of ``config`` in lookup order, sharing one metrics registry."""
+    """The tiers of ``config`` in lookup order, sharing one metrics registry. The integrity key, if
+    configured, is read first (a bad key file fails before any tier is opened)."""
+    integrity_key = load_integrity_key(config)
     metric_set = metric_set or MetricSet()
     tiers: list[StorageBackend] = []
     try:
@@ -54,7 +57,8 @@ def build_store(config: KVTierConfig, metric_set: MetricSet | None = None) -> Ti
         for tier in tiers:
             tier.close()
         raise
-    return TieredStore(tiers, config.write_policy, config.max_pending_writes)
+    return TieredStore(tiers, config.write_policy, config.max_pending_writes, lookup_budget_s=config.lookup_budget_s,
+                       integrity_key=integrity_key, flush_timeout_s=config.flush_timeout_s)
 
 
 def serve_metrics(metric_set: MetricSet, port: int, host: str = "127.0.0.1") -> object:

@@ -24,6 +24,8 @@ class MetricSet:
         self.lookups = Counter("kvtier_lookups", "Prefix lookups (contains calls)", t, registry=r)
         self.lookup_keys = Counter("kvtier_lookup_keys", "Keys asked in prefix lookups", t, registry=r)
         self.lookup_hits = Counter("kvtier_lookup_hit_chunks", "Leading chunks found by lookups", t, registry=r)
+        self.lookup_timeouts = Counter("kvtier_lookup_timeouts", "Lookups that a tier did not answer within "
+                                       "lookup_budget_s, or that skipped it while it was slow", t, registry=r)
         self.get_hits = Counter("kvtier_get_hits", "Chunks returned by get", t, registry=r)
         self.get_misses = Counter("kvtier_get_misses", "Chunks asked of get and not found", t, registry=r)
         self.bytes_read = Counter("kvtier_read_bytes", "Bytes returned by get", t, registry=r)
@@ -54,6 +56,10 @@ class TierMetrics:
         s.lookup_keys.labels(t).inc(asked)
         s.lookup_hits.labels(t).inc(hits)
         s.latency.labels(t, "contains").observe(seconds)
+
+    def lookup_timeout(self) -> None:
+        """A lookup treated this tier as a miss: it overran the lookup budget or was skipped meanwhile."""
+        self.set.lookup_timeouts.labels(self.tier).inc()
 
     def got(self, hits: int, misses: int, nbytes: int, seconds: float) -> None:
         s, t = self.set, self.tier
@@ -100,6 +106,7 @@ class TierMetrics:
             "lookups": value("kvtier_lookups_total"),
             "lookup_keys": value("kvtier_lookup_keys_total"),
             "lookup_hit_chunks": value("kvtier_lookup_hit_chunks_total"),
+            "lookup_timeouts": value("kvtier_lookup_timeouts_total"),
             "get_hits": value("kvtier_get_hits_total"),
             "get_misses": value("kvtier_get_misses_total"),
             "read_bytes": value("kvtier_read_bytes_total"),

@@ -9,7 +9,11 @@ Remote tiers fail in ways the engine must not feel, so no call raises because Re
 refusing, slow, out of memory or rejecting our password: it returns misses or skips the store and
 counts the error. A connection-level failure opens a circuit breaker: for ``retry_interval_s``
 seconds calls answer at once without touching the network, then the next call tries again
-(redis-py's pool reconnects by itself). One WARNING is logged per outage, one INFO when it ends.
+(redis-py's pool reconnects by itself). While the server keeps timing out (it accepts connections
+but does not answer, or the host drops them) each try costs its caller a whole timeout, so the
+pause doubles with every consecutive timeout, up to 30 s (``_MAX_RETRY_INTERVAL_S``), and is back to
+``retry_interval_s`` after the first success; a refused connection fails at once, so a dead server
+is still tried every ``retry_interval_s``. One WARNING is logged per outage, one INFO when it ends.
 redis-py's own retries are off, so a call blocks at most about the configured timeouts:
 ``op_timeout_s`` bounds each socket wait (sending one blob, waiting for a reply), so it must
 exceed the time one blob takes on the wire; a batch of many large blobs may take longer in all.
@@ -23,7 +27,6 @@ import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -33,7 +36,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from kvtier.connector.codec import MAGIC, MAX_HEADER_BYTES, PREFIX_BYTES
+from kvtier.urls import check_redis_url, mask_url
 
+from .backoff import backoff_delay
 from .base import Buffer, StorageBackend
 from .metrics import TierMetrics
 from .summary import StoreSummary
@@ -46,15 +51,17 @@ _HEADER_PROBE = 4096
 # Errors that mean "the server is not usable right now" (they open the breaker); AuthenticationError
 # (wrong password) is a ConnectionError in redis-py. OSError covers socket/TLS failures.
 _CONN_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# Failures that cost the caller a whole timeout (connect or read): the breaker backs off on these.
+_TIMEOUTS = (RedisTimeoutError, TimeoutError)
+_MAX_RETRY_INTERVAL_S = 30.0  # cap of the breaker's pause while a server keeps timing out
 
 
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, fit for logs and error messages."""
-    parts = urlsplit(re.sub(r"([?&]password=)[^&#]*", r"\1***", url))  # redis-py reads it there too
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    if ":" in userinfo:
-        parts = parts._replace(netloc=userinfo.split(":", 1)[0] + ":***@" + hostport)
-    return urlunsplit(parts)
+def breaker_pause(retry_interval_s: float, exc: Exception, timeouts: int) -> float:
+    """How long a breaker skips a server after ``exc``: ``retry_interval_s``, doubled for each
+    consecutive timeout beyond the first (``timeouts`` counts them), capped. Shared by both tiers."""
+    if not isinstance(exc, _TIMEOUTS):
+        return retry_interval_s
+    return backoff_delay(retry_interval_s, timeouts, _MAX_RETRY_INTERVAL_S)
 
 
 def _wire_value(value: Buffer) -> bytes | memoryview:
@@ -77,7 +84,15 @@ def check_options(ttl_seconds: int | None, connect_timeout_s: float, op_timeout_
 
 
 def _client(url: str, connect_timeout_s: float, op_timeout_s: float, max_connections: int) -> redis.Redis:
-    """A client with bounded waits everywhere and no hidden retries (the breaker decides)."""
+    """A client with bounded waits everywhere and no hidden retries (the breaker decides).
+
+    A URL that redis-py would misread (a raw ``/``, ``?`` or ``#`` in the password) is refused
+    here with the URL masked: redis-py would put a fragment of the password into its errors."""
+    if url.partition("://")[0].lower() in ("redis", "rediss"):
+        try:
+            check_redis_url(url)
+        except ValueError as exc:
+            raise ValueError(f"Redis URL {mask_url(url)}: {exc}") from None
     pool = redis.BlockingConnectionPool.from_url(
         url, socket_timeout=op_timeout_s, socket_connect_timeout=connect_timeout_s,
         max_connections=max_connections, timeout=op_timeout_s,  # timeout: wait for a pooled connection
@@ -107,6 +122,7 @@ class RedisBackend(StorageBackend):
         self._closed = False
         self._down_until = 0.0  # monotonic time before which calls skip the network
         self._outage = False  # a WARNING was logged and no call has succeeded since
+        self._timeouts = 0  # breaker openings by a timeout since the last success (for the backoff)
         self._last_cmd_warn = float("-inf")
 
     def _available(self, op: str) -> bool:
@@ -125,13 +141,17 @@ class RedisBackend(StorageBackend):
         now, down = time.monotonic(), isinstance(exc, _CONN_ERRORS)
         with self._lock:
             if down:
-                self._down_until = now + self.retry_interval_s
+                if isinstance(exc, _TIMEOUTS) and now >= self._down_until:  # not a call that was in flight
+                    self._timeouts += 1
+                pause = breaker_pause(self.retry_interval_s, exc, self._timeouts)
+                self._down_until = max(self._down_until, now + pause)
                 should_log, self._outage = not self._outage, True
             elif should_log := now - self._last_cmd_warn >= _CMD_WARN_INTERVAL_S:
                 self._last_cmd_warn = now
         if should_log and down:
-            log.warning("Redis tier %r at %s is unavailable (%s: %s); serving misses, retrying every %.1f s",
-                        self.name, self.url, type(exc).__name__, exc, self.retry_interval_s)
+            log.warning("Redis tier %r at %s is unavailable (%s: %s); serving misses, retrying every %.1f s "
+                        "(backing off up to %.0f s while it times out)", self.name, self.url, type(exc).__name__,
+                        exc, self.retry_interval_s, max(_MAX_RETRY_INTERVAL_S, self.retry_interval_s))
         elif should_log:
             log.warning("Redis tier %r at %s refused a %s (%s: %s)",
                         self.name, self.url, op, type(exc).__name__, exc)
@@ -140,6 +160,7 @@ class RedisBackend(StorageBackend):
         if self._outage:
             with self._lock:
                 recovered, self._outage = self._outage, False
+                self._timeouts = 0
             if recovered:
                 log.info("Redis tier %r at %s is reachable again", self.name, self.url)
 

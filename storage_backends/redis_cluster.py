@@ -13,7 +13,9 @@ Batches are split by owning master (redis-py's ``keyslot`` and slot map) and eac
 pipeline, all masters at once. We do not use redis-py's ``ClusterPipeline``: one unreachable master
 makes it fail the whole batch (and retry key by key with backoff), while here every master answers
 for its own keys. Failures are per master: a dead or slow master opens its own circuit breaker (one
-WARNING per outage, misses and skipped stores for its keys) while the others keep serving. Slot map
+WARNING per outage, misses and skipped stores for its keys) while the others keep serving; as on one
+server, the breaker's pause doubles while the master keeps timing out (a stalled master) and is
+back to ``retry_interval_s`` once it answers. Slot map
 refreshes run in a background thread (at most one every ``retry_interval_s``), so a failover or a
 healed node is found without the engine ever waiting for it. The few commands that a master
 redirects (MOVED or ASK while slots migrate) are re-sent one by one through redis-py's cluster
@@ -30,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,9 +49,12 @@ from .metrics import TierMetrics
 from .redis_backend import (
     _CMD_WARN_INTERVAL_S,
     _CONN_ERRORS,
+    _MAX_RETRY_INTERVAL_S,
     _PIPELINE_BYTES,
+    _TIMEOUTS,
     _batches,
     _wire_value,
+    breaker_pause,
     check_options,
     mask_url,
 )
@@ -69,9 +74,9 @@ class ClusterUrl:
     """A parsed ``redis+cluster://`` URL: the seed nodes and what every node connection shares."""
 
     scheme: str  # redis or rediss
-    userinfo: str  # "[user]:password" or ""
+    userinfo: str = field(repr=False)  # "[user]:password" or "": never in a repr
     nodes: tuple[tuple[str, int], ...]
-    query: str
+    query: str = field(repr=False)  # may hold password=... or ssl_password=...: never in a repr
 
     def node_url(self, index: int = 0) -> str:
         """A plain redis-py URL for one seed (credentials and TLS options included)."""
@@ -104,13 +109,23 @@ def parse_cluster_url(url: str) -> ClusterUrl:
         match = _HOST_PORT.match(item.strip())
         port = int(match.group(2) or 6379) if match else 0
         if not match or not 0 < port < 65536:
-            raise ValueError(f"{shown}: {item.strip()!r} is not host:port (list seed nodes as host:port,host:port)")
+            raise ValueError(f"{shown}: {_shown_part(item.strip(), shown)} is not host:port (list seed nodes as "
+                             "host:port,host:port)")
         nodes.append((match.group(1), port))
     if parts.path not in ("", "/", "/0"):
-        raise ValueError(f"{shown}: Redis Cluster has only database 0, got path {parts.path!r}")
+        raise ValueError(f"{shown}: Redis Cluster has only database 0, got path {_shown_part(parts.path, shown)}")
     if parts.fragment:
-        raise ValueError(f"{shown}: unexpected fragment #{parts.fragment}")
+        raise ValueError(f"{shown}: unexpected fragment {_shown_part('#' + parts.fragment, shown)}")
     return ClusterUrl(scheme, userinfo, tuple(nodes), parts.query)
+
+
+def _shown_part(part: str, shown: str) -> str:
+    """``part`` of a URL, quoted, if the masked URL ``shown`` shows it anyway; else a placeholder.
+    urlsplit cuts the authority at a raw ``/``, ``?`` or ``#``, so with such a password the "host"
+    or "path" it finds is a piece of the password."""
+    if part and part in shown.rpartition("@")[2]:
+        return repr(part)
+    return "a part not shown (it may hold the password: percent-encode / ? # in a password)"
 
 
 def _cluster_client(spec: ClusterUrl, connect_timeout_s: float, op_timeout_s: float,
@@ -133,6 +148,7 @@ class _NodeState:
 
     down_until: float = 0.0
     outage: bool = False  # a WARNING was logged and the node has not answered since
+    timeouts: int = 0  # breaker openings by a timeout since the node last answered (for the backoff)
 
 
 class _Failed:
@@ -338,14 +354,20 @@ class RedisClusterBackend(StorageBackend):
 
     def _node_failed(self, node_name: str, exc: Exception) -> None:
         """Open this node's breaker (one WARNING per outage) and look for a new slot map soon."""
+        now = time.monotonic()
         with self._lock:
             state = self._nodes.setdefault(node_name, _NodeState())
-            state.down_until = time.monotonic() + self.retry_interval_s
+            if isinstance(exc, _TIMEOUTS) and now >= state.down_until:  # not a call that was in flight
+                state.timeouts += 1
+            pause = breaker_pause(self.retry_interval_s, exc, state.timeouts)
+            state.down_until = max(state.down_until, now + pause)
             should_log, state.outage = not state.outage, True
         if should_log:
             what = "no node answered" if node_name == _BOOTSTRAP else f"node {node_name} is unavailable"
-            log.warning("Redis cluster tier %r at %s: %s (%s: %s); its keys are misses, retrying every %.1f s",
-                        self.name, self.url, what, type(exc).__name__, exc, self.retry_interval_s)
+            log.warning("Redis cluster tier %r at %s: %s (%s: %s); its keys are misses, retrying every %.1f s "
+                        "(backing off up to %.0f s while it times out)", self.name, self.url, what,
+                        type(exc).__name__, exc, self.retry_interval_s,
+                        max(_MAX_RETRY_INTERVAL_S, self.retry_interval_s))
         self._want_refresh()
 
     def _node_answered(self, node_name: str) -> None:
@@ -353,6 +375,7 @@ class RedisClusterBackend(StorageBackend):
         if state is not None and state.outage:
             with self._lock:
                 recovered, state.outage = state.outage, False
+                state.timeouts = 0
             if recovered:
                 log.info("Redis cluster tier %r at %s: node %s is reachable again", self.name, self.url, node_name)
 

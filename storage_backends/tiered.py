@@ -4,20 +4,25 @@ This is the one place where stored blobs are validated (``decode_chunk``): a blo
 counted as corrupt in the tier it came from, deleted there, and looked for in the tiers below, so a
 corrupt or truncated chunk is a miss, never an exception and never wrong bytes. Every tier gets its
 own writer thread with a bounded queue, so a slow tier (a stalled Redis) never delays a faster
-one and never blocks the caller: when a queue is full the write is dropped and counted.
+one and never blocks the caller: when a queue is full the write is dropped and counted. Lookups
+are bounded too: a tier that does not answer ``contains`` within ``lookup_budget_s`` is a miss for
+that lookup and is skipped with backoff until it answers in time (``lookup_guard``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
 from kvtier.connector.codec import Chunk, ChunkCorrupt, decode_chunk
+from kvtier.connector.integrity import IntegrityKey
 
 from .base import Buffer, StorageBackend
+from .lookup_guard import DEFAULT_LOOKUP_BUDGET_S, GuardedLookup, bounded_lookup
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +74,38 @@ class _TierWriter:
             if not self._pending:
                 self._idle.notify_all()
 
+    def submit_delete(self, keys: list[str]) -> bool:
+        """Queue a delete (of a corrupt chunk found on the read path, which must not wait for the
+        tier's locks); False, and simply dropped, if the queue is full or shut down."""
+        with self._idle:
+            if self._pending >= self._max_pending:
+                return False
+            self._pending += 1
+        try:
+            self._pool.submit(self._run_delete, keys)
+        except RuntimeError:  # shut down
+            self._done()
+            return False
+        return True
+
+    def _run_delete(self, keys: list[str]) -> None:
+        try:
+            self.tier.delete(keys)
+        except Exception:  # a backend bug must not kill the writer thread
+            log.exception("kvtier: %s tier delete failed", self.tier.name)
+            self.tier.metrics.error("delete")
+        finally:
+            self._done()
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued write has run; False on timeout."""
         with self._idle:
             return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Stop without waiting: queued work is dropped; a put already running finishes on its own
+        (bounded by its tier's timeouts)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class TieredStore:
@@ -86,7 +116,13 @@ class TieredStore:
         tiers: Sequence[StorageBackend],
         write_policy: WritePolicy = "write_through",
         max_pending_writes: int = 64,
+        lookup_budget_s: float = DEFAULT_LOOKUP_BUDGET_S,
+        integrity_key: IntegrityKey | None = None,
+        flush_timeout_s: float = 30.0,
     ) -> None:
+        """``integrity_key``: chunks read from a tier that is not process-local must carry a valid
+        keyed MAC, and :class:`~kvtier.connector.chunk_store.ChunkStore` writes one into each chunk.
+        ``flush_timeout_s``: the longest wait of :meth:`flush` without a timeout and of :meth:`close`."""
         if not tiers:
             raise ValueError("TieredStore needs at least one tier")
         names = [t.name for t in tiers]
@@ -94,15 +130,21 @@ class TieredStore:
             raise ValueError(f"tier names must be unique, got {names}")
         self.tiers = list(tiers)
         self.write_policy = write_policy
+        self.integrity_key = integrity_key
+        self.flush_timeout_s = flush_timeout_s
         self._writers = [_TierWriter(t, max_pending_writes) for t in self.tiers]
+        self.lookup_budget_s = lookup_budget_s
+        self._lookups = [bounded_lookup(t, lookup_budget_s) for t in self.tiers]  # same order as tiers
         self._closed = False
 
     def contains(self, keys: Sequence[str]) -> int:
-        """Leading chunks present in any tier (chunk i may sit in disk, chunk i+1 in cpu)."""
+        """Leading chunks present in any tier (chunk i may sit in disk, chunk i+1 in cpu). A tier that
+        does not answer within ``lookup_budget_s`` counts as a miss, so the scheduler never waits
+        longer than that per tier that is not process-local."""
         pos = 0
         while pos < len(keys):
-            for tier in self.tiers:
-                found = tier.contains(keys[pos:])
+            for lookup in self._lookups:
+                found = lookup.contains(keys[pos:])
                 if found:
                     pos += found
                     break
@@ -120,7 +162,7 @@ class TieredStore:
             blobs = tier.get([keys[i] for i in missing])
             still, promote = [], []
             for i, blob in zip(missing, blobs):
-                chunk = self._validate(tier, keys[i], blob) if blob is not None else None
+                chunk = self._validate(depth, keys[i], blob) if blob is not None else None
                 if chunk is None:
                     still.append(i)
                     continue
@@ -158,27 +200,42 @@ class TieredStore:
         return max((tier.delete(keys) for tier in self.tiers), default=0)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued write has reached its tier; False if ``timeout`` ran out."""
-        return all([writer.flush(timeout) for writer in self._writers])
+        """Wait until every queued write has reached its tier, at most ``timeout`` seconds in all
+        (None: ``flush_timeout_s``; never unbounded, a hung tier must not hang shutdown or a
+        producer's save wait); False if time ran out (the caller logs it)."""
+        deadline = time.monotonic() + (self.flush_timeout_s if timeout is None else timeout)
+        flushed = True
+        for writer in self._writers:
+            flushed = writer.flush(max(0.0, deadline - time.monotonic())) and flushed
+        return flushed
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush (at most ``timeout``, None: ``flush_timeout_s``), then stop the writers without
+        waiting for what is still queued and close the tiers. Returns whether the flush completed."""
         if self._closed:
-            return
+            return True
         self._closed = True
+        flushed = self.flush(timeout)
+        for lookup in self._lookups:
+            if isinstance(lookup, GuardedLookup):
+                lookup.close()
         for writer in self._writers:
             writer.shutdown()
         for tier in self.tiers:
             tier.close()
+        return flushed
 
     def stats(self) -> dict[str, dict[str, float]]:
         return {tier.name: tier.stats() for tier in self.tiers}
 
-    @staticmethod
-    def _validate(tier: StorageBackend, key: str, blob: Buffer) -> Chunk | None:
+    def _validate(self, depth: int, key: str, blob: Buffer) -> Chunk | None:
+        """The chunk, or None if it is corrupt: then it is counted and its delete queued to the tier's
+        writer, because a delete may wait for a lock (the disk tier's) and reads must never wait."""
+        tier = self.tiers[depth]
         try:
-            return decode_chunk(blob, key, verify_checksum=not tier.process_local)
+            return decode_chunk(blob, key, verify_checksum=not tier.process_local, mac_key=self.integrity_key)
         except ChunkCorrupt as exc:
             log.warning("kvtier: dropping corrupt chunk %s... from %s tier: %s", key[:16], tier.name, exc)
             tier.metrics.corrupt_chunk()
-            tier.delete([key])
+            self._writers[depth].submit_delete([key])
             return None

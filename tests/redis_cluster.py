@@ -4,7 +4,8 @@ Masters (and optionally one replica each) on free loopback ports, a short ``clus
 so failures are detected and replicas promoted within a few seconds, and
 ``cluster-require-full-coverage no`` unless asked otherwise, so the masters that are still up keep
 serving their slots while one is down. ``kill`` crashes a node (SIGKILL), ``restart`` brings it back
-on the same port with its ``nodes.conf`` (so it rejoins with its old identity, without data).
+on the same port with its ``nodes.conf`` (so it rejoins with its old identity, without data);
+``pause`` stops a node (SIGSTOP: it accepts connections but answers nothing) and ``resume`` lets it go on.
 ``close`` kills every node and removes their folders; nothing is left behind even when creation fails.
 """
 
@@ -206,6 +207,14 @@ class RedisCluster:
     def kill(self, port: int) -> None:
         """SIGKILL one node, like a crash."""
         self.node(port).stop()
+
+    def pause(self, port: int) -> None:
+        """SIGSTOP one node: a stalled master (longer than the node timeout, the others mark it failed)."""
+        self.node(port).pause()
+
+    def resume(self, port: int) -> None:
+        """SIGCONT a paused node; it is a master again once the others see it answer."""
+        self.node(port).resume()
 
     def restart(self, port: int) -> None:
         """Start a killed node again on its port; it rejoins with its old nodes.conf (no data)."""

@@ -1,7 +1,9 @@
 """A real ``redis-server`` for tests: started on a free loopback port, crashable and restartable.
 
 Nothing is mocked: the fault tests kill the process (SIGKILL, like a crash) and start it again on
-the same port, so a client must reconnect by itself. Optional ``--requirepass`` and TLS.
+the same port, so a client must reconnect by itself, or stop it (SIGSTOP: the kernel still accepts
+connections, but nothing answers, as with a wedged host) and let it go on. Optional
+``--requirepass`` and TLS.
 """
 
 from __future__ import annotations
@@ -171,6 +173,16 @@ class RedisServer:
     def stop(self) -> None:
         """Kill -9, like a crash (no shutdown, no save)."""
         self._kill()
+
+    def pause(self) -> None:
+        """SIGSTOP: connections are still accepted (by the kernel) but no command is answered."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`: the server answers what was sent meanwhile and goes on."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
 
     def _kill(self) -> None:
         if self.proc is not None:

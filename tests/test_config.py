@@ -137,3 +137,30 @@ def test_bad_redis_cluster_config_is_one_clear_line(tmp_path: Path, url: str, pr
     assert message.startswith("invalid kvtier config:") and "\n" not in message and "secret" not in message
     for part in must_name:
         assert part in message, f"{part!r} missing from: {message}"
+
+
+def test_flush_and_lock_timeouts_default_and_override(tmp_path: Path) -> None:
+    config = load_config(environ={"HOME": "/home/u"})
+    assert config.flush_timeout_s == 30.0 and config.tiers[1].lock_timeout_s == 2.0
+    config = load_config(overrides={"flush_timeout_s": 5, "disk.lock_timeout_s": 0.25}, environ={"HOME": "/home/u"})
+    assert config.flush_timeout_s == 5.0 and config.tiers[1].lock_timeout_s == 0.25
+
+
+@pytest.mark.parametrize("text, must_name", [
+    ("flush_timeout_s: 0", ["flush_timeout_s", "= 0", "greater than 0"]),
+    ("flush_timeout_s: -1", ["flush_timeout_s", "-1", "greater than 0"]),
+    ("flush_timeout_s: .inf", ["flush_timeout_s", "inf", "less than or equal to 3600"]),  # never unbounded
+    ("flush_timeout_s: soon", ["flush_timeout_s", "'soon'", "number"]),
+    ("tiers: [{type: disk, path: /x, lock_timeout_s: 0}]", ["tiers[0].lock_timeout_s", "= 0", "greater than 0"]),
+    ("tiers: [{type: disk, path: /x, lock_timeout_s: .nan}]", ["tiers[0].lock_timeout_s", "nan", "less than or equal to 600"]),
+    ("tiers: [{type: disk, path: /x, lock_timeout_s: never}]", ["tiers[0].lock_timeout_s", "'never'", "number"]),
+    ("tiers: [{type: cpu, lock_timeout_s: 1}]", ["tiers[0].lock_timeout_s", "unknown key"]),  # a disk tier's key
+])
+def test_bad_timeouts_name_key_value_and_rule(tmp_path: Path, text: str, must_name: list[str]) -> None:
+    if not text.startswith("tiers"):
+        text = "tiers: [{type: cpu}]\n" + text
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), environ={})
+    message = str(info.value)
+    for part in must_name:
+        assert part in message, f"{part!r} missing from: {message}"

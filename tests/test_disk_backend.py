@@ -122,6 +122,11 @@ def test_bad_arguments(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(NotADirectoryError):
         DiskBackend(tmp_path / "file", 1 << 20)
+    with pytest.raises(NotADirectoryError):  # a file where a parent should be: the path is wrong, not the disk
+        DiskBackend(tmp_path / "file" / "kv", 1 << 20)
+    for bad in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="lock_timeout_s"):
+            DiskBackend(tmp_path / "b", 1 << 20, lock_timeout_s=bad)
 
 
 # 2. permissions ------------------------------------------------------------------------------------
@@ -139,6 +144,13 @@ def test_permissions_do_not_depend_on_umask(tmp_path: Path, umask: int) -> None:
         os.umask(old)
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(root) == 0o700
+    deep = tmp_path / "new" / "parents" / "kv"
+    old = os.umask(umask)
+    try:
+        DiskBackend(deep, 1 << 20).close()
+    finally:
+        os.umask(old)
+    assert [mode(p) for p in (deep, deep.parent, deep.parent.parent)] == [0o700] * 3  # parents it made too
     subs = [p for p in root.iterdir() if p.is_dir()]
     assert subs and all(mode(p) == 0o700 for p in subs)
     files = kvc_files(root)
