@@ -13,7 +13,6 @@ tokens — which is what lets a repeated prompt, or a decode instance, load all 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -29,7 +28,7 @@ from kvtier.cuda_ext import KVCopier, PagedKV
 from kvtier.storage_backends.tiered import TieredStore
 
 from .codec import Chunk, encode_chunk
-from .keys import KeyNamespace, chunk_keys, page_key_digest, storage_key
+from .keys import KeyNamespace, chunk_keys, page_key_digest, salted, storage_key
 from .transfers import ChunkLoad
 
 log = logging.getLogger(__name__)
@@ -70,8 +69,7 @@ class ChunkStore:
             if found is None:
                 if len(self._digests) >= _MAX_SALTS:
                     self._digests.clear()
-                ns = dataclasses.replace(self.namespace, salt=f"{self.namespace.salt}\x00{salt}") if salt else self.namespace
-                found = self._digests[salt] = ns.digest()
+                found = self._digests[salt] = salted(self.namespace, salt).digest()
             return found
 
     def keys(self, tokens: Tokens, salt: str = "", include_partial: bool = False) -> list[str]:
@@ -116,8 +114,12 @@ class ChunkStore:
 
     def keys_from_chain(self, page_keys: Sequence[str], salt: str = "") -> list[str]:
         """Storage keys for an engine's own token-chain digests (SGLang page keys, hex)."""
+        return self.keys_for_digests([page_key_digest(k) for k in page_keys], salt)
+
+    def keys_for_digests(self, chain: Sequence[bytes], salt: str = "") -> list[str]:
+        """Storage keys for token-chain digests ``t_i`` (raw bytes, e.g. a :class:`PromptChain`'s)."""
         digest = self.digest(salt)
-        return [storage_key(digest, page_key_digest(k)) for k in page_keys]
+        return [storage_key(digest, t) for t in chain]
 
     def lookup_keys(self, keys: Sequence[str]) -> int:
         """How many leading ``keys`` the tiers hold."""
@@ -159,7 +161,7 @@ class ChunkStore:
                 key = keys[start + j]
                 items.append((key, encode_chunk(key, self.namespace.kv_dtype, tuple(chunk.shape), format_id,
                                                 self.namespace.model, num_tokens[start + j], _as_bytes(chunk),
-                                                mac_key=self.store.integrity_key)))
+                                                shard=self.namespace.shard_id, mac_key=self.store.integrity_key)))
         return self.store.put(items) if wait else self.store.put_async(items)
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -252,11 +254,11 @@ class ChunkStore:
 
     def _matches(self, key: str, chunk: Chunk, shape: tuple[int, ...], num_tokens: int, paged: PagedKV) -> bool:
         h = chunk.header
-        if (h.dtype, h.shape, h.layout, h.num_tokens) == (self.namespace.kv_dtype, shape, paged.format_id, num_tokens):
+        expected = (self.namespace.kv_dtype, shape, paged.format_id, num_tokens, self.namespace.shard_id)
+        if (h.dtype, h.shape, h.layout, h.num_tokens, h.shard) == expected:
             return True
-        log.warning("kvtier: chunk %s... has format (%s, %s, %s, %d tokens), expected (%s, %s, %s, %d); recomputing",
-                    key[:16], h.dtype, h.shape, h.layout, h.num_tokens, self.namespace.kv_dtype, shape,
-                    paged.format_id, num_tokens)
+        log.warning("kvtier: chunk %s... has format (%s, %s, %s, %d tokens, shard %r), expected (%s, %s, %s, %d, %r); "
+                    "recomputing", key[:16], h.dtype, h.shape, h.layout, h.num_tokens, h.shard, *expected)
         return False
 
 

@@ -1,7 +1,10 @@
 """Which chunks each request loads and saves, step by step: the scheduler's bookkeeping.
 
-Engine-agnostic: an adapter feeds in what its scheduler decided (tokens, blocks, how many tokens
-are computed) and gets plain :class:`TransferSpec` records to ship to the workers. Rules:
+Engine-agnostic: an adapter feeds in what its scheduler decided (a request's :class:`PromptChain`,
+blocks, how many tokens are computed) and gets plain :class:`TransferSpec` records to ship to the
+workers. The chain is computed once per request, here in the scheduler (it may carry more than the
+token ids: images, embeddings), and the workers receive the digests of the chunks they move, not
+the tokens. Rules:
 
 - A request may take from kvtier every prompt token it holds beyond the engine's own prefix hit,
   but never the last prompt token (the engine must compute at least one to sample from).
@@ -21,23 +24,32 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .shards import PromptChain
+
 
 @dataclass
 class TransferSpec:
     """Chunks ``first_chunk .. first_chunk + num_chunks - 1`` of one request (plain data).
 
-    ``token_ids`` runs from the first token to the end of the last chunk of the range (its length
-    says whether that chunk is partial); ``block_ids`` are the request's blocks in token order;
-    ``skip_tokens`` (loads) are leading tokens of the first chunk the engine already holds.
+    ``chain`` holds those chunks' chain digests (each worker turns them into its own shard's keys);
+    ``end_token`` is where the last chunk of the range ends (before a chunk boundary: it is the
+    partial tail); ``block_ids`` are the request's blocks in token order; ``skip_tokens`` (loads)
+    are leading tokens of the first chunk the engine already holds.
     """
 
     req_id: str
-    token_ids: list[int]
+    chain: list[bytes]
+    end_token: int
     block_ids: list[int]
     salt: str
     first_chunk: int
     num_chunks: int
     skip_tokens: int = 0
+
+    def tokens_in(self, chunk_size: int) -> list[int]:
+        """Tokens of each chunk of the range (the tail may be shorter)."""
+        first = self.first_chunk
+        return [min(chunk_size, self.end_token - (first + j) * chunk_size) for j in range(self.num_chunks)]
 
 
 @dataclass
@@ -58,7 +70,7 @@ class StepPlan:
 
 @dataclass
 class _Request:
-    tokens: list[int]
+    chain: PromptChain
     salt: str
     block_ids: list[int] = field(default_factory=list)
     saved_chunks: int = 0  # leading chunks the store holds or that were sent for saving
@@ -67,9 +79,9 @@ class _Request:
 
 
 class RequestPlanner:
-    """Tracks requests between scheduler calls; ``lookup(tokens, salt)`` = leading tokens held."""
+    """Tracks requests between scheduler calls; ``lookup(chain, salt)`` = leading tokens held."""
 
-    def __init__(self, chunk_size: int, lookup: Callable[[Sequence[int], str], int], save: bool = True,
+    def __init__(self, chunk_size: int, lookup: Callable[[PromptChain, str], int], save: bool = True,
                  load: bool = True, async_loads: bool = False) -> None:
         self.chunk_size = chunk_size
         self._lookup = lookup
@@ -84,26 +96,27 @@ class RequestPlanner:
         """Chunks covering ``num_tokens`` tokens, the partial tail included."""
         return -(-num_tokens // self.chunk_size)
 
-    def matched_tokens(self, req_id: str, tokens: Sequence[int], salt: str, num_computed: int) -> int:
+    def matched_tokens(self, req_id: str, chain: PromptChain, salt: str, num_computed: int) -> int:
         """Tokens to load beyond the ``num_computed`` the engine holds (no side effects but a cache).
 
         A save-only role looks up too, so it does not rewrite chunks the store already holds.
         """
-        if len(tokens) < 2 or not (self._load or self._save):
+        if chain.num_tokens < 2 or not (self._load or self._save):
             return 0
-        held = self._lookup(tokens, salt)
+        held = self._lookup(chain, salt)
         self._held[req_id] = (held, num_computed)
-        return max(0, min(held, len(tokens) - 1) - num_computed) if self._load else 0
+        return max(0, min(held, chain.num_tokens - 1) - num_computed) if self._load else 0
 
-    def allocated(self, req_id: str, tokens: Sequence[int], salt: str, num_external: int,
+    def allocated(self, req_id: str, chain: PromptChain, salt: str, num_external: int,
                   block_ids: Sequence[int] = ()) -> None:
         """The engine allocated blocks (``block_ids``, in token order) for a request;
         ``num_external`` tokens come from kvtier."""
         held, local = self._held.pop(req_id, (0, 0))
         req = self._requests.get(req_id)
         if req is None:
-            req = self._requests[req_id] = _Request(list(tokens), salt)
-        stored = held // self.chunk_size + (1 if held == len(tokens) and held % self.chunk_size else 0)
+            req = self._requests[req_id] = _Request(chain, salt)
+        prompt = chain.num_tokens
+        stored = held // self.chunk_size + (1 if held == prompt and held % self.chunk_size else 0)
         req.saved_chunks = max(req.saved_chunks, stored)
         if self.async_loads and num_external:  # the request waits unscheduled: load in the next step
             req.block_ids = list(block_ids)
@@ -146,18 +159,19 @@ class RequestPlanner:
     def _load_spec(self, req_id: str, req: _Request, start: int, end: int) -> TransferSpec:
         """Load tokens ``start .. end - 1``: the chunks that cover them, the held ones skipped."""
         first, last = start // self.chunk_size, (end - 1) // self.chunk_size
-        tokens = req.tokens[: min(len(req.tokens), (last + 1) * self.chunk_size)]
-        return TransferSpec(req_id, tokens, list(req.block_ids), req.salt, first, last - first + 1,
-                            skip_tokens=start - first * self.chunk_size)
+        end_token = min(req.chain.num_tokens, (last + 1) * self.chunk_size)
+        return TransferSpec(req_id, list(req.chain.digests[first : last + 1]), end_token, list(req.block_ids),
+                            req.salt, first, last - first + 1, skip_tokens=start - first * self.chunk_size)
 
     def _plan_save(self, req_id: str, req: _Request, computed: int, plan: StepPlan) -> None:
-        prompt = len(req.tokens)
+        prompt = req.chain.num_tokens
         done = min(computed, prompt)
         ready = self.chunks_of(done) if done == prompt else done // self.chunk_size
         if ready > req.saved_chunks:
             end = min(prompt, ready * self.chunk_size)
-            plan.saves.append(TransferSpec(req_id, req.tokens[:end], list(req.block_ids), req.salt,
-                                           req.saved_chunks, ready - req.saved_chunks))
+            plan.saves.append(TransferSpec(req_id, list(req.chain.digests[req.saved_chunks : ready]), end,
+                                           list(req.block_ids), req.salt, req.saved_chunks,
+                                           ready - req.saved_chunks))
             req.saved_chunks = ready
             req.save_planned = True
 
@@ -168,7 +182,7 @@ def chunk_slots(spec: TransferSpec, chunk_size: int, block_size: int, per_block:
     blocks = torch.tensor(spec.block_ids, dtype=torch.int64)
     out = []
     for index in range(spec.first_chunk, spec.first_chunk + spec.num_chunks):
-        start, end = index * chunk_size, min((index + 1) * chunk_size, len(spec.token_ids))
+        start, end = index * chunk_size, min((index + 1) * chunk_size, spec.end_token)
         if per_block:
             out.append(blocks[start // block_size : -(-end // block_size)])
         else:

@@ -20,6 +20,8 @@ failure here becomes a miss or a False, never an exception into SGLang's storage
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from kvtier.config import KVTierConfig, load_config
 from kvtier.cuda_ext import PagedKV, make_copier
 
 from .chunk_store import ChunkStore, dtype_name
-from .keys import make_namespace
+from .keys import ModelSettings, make_namespace
 from .store_registry import STORES
 
 log = logging.getLogger(__name__)
@@ -53,23 +55,62 @@ class _Sharding:
     model: str | None
     tp_size: int
     tp_rank: int
+    pp_size: int
+    pp_rank: int
+    dp_rank: int
     mla: bool
     writer: bool
-    extra_salt: str  # pipeline / context-parallel shards hold other bytes for the same tokens
+    extra_salt: str  # context-parallel shards hold other bytes for the same tokens
 
     @classmethod
     def from_config(cls, cfg: HiCacheStorageConfig) -> _Sharding:
         tp_size, tp_rank = int(getattr(cfg, "tp_size", 1) or 1), int(getattr(cfg, "tp_rank", 0) or 0)
+        pp_size, pp_rank = int(getattr(cfg, "pp_size", 1) or 1), int(getattr(cfg, "pp_rank", 0) or 0)
         mla = bool(getattr(cfg, "is_mla_model", False))
         writer = getattr(cfg, "is_storage_writer", None)
         if not isinstance(writer, bool):
             writer = not mla or tp_rank == 0
         parts = []
-        for name in ("pp", "attn_cp", "dcp"):
+        for name in ("attn_cp", "dcp"):
             size = int(getattr(cfg, f"{name}_size", 1) or 1)
             if size > 1:
                 parts.append(f"{name}{int(getattr(cfg, f'{name}_rank', 0) or 0)}/{size}")
-        return cls(getattr(cfg, "model_name", None), tp_size, tp_rank, mla, writer, ",".join(parts))
+        return cls(getattr(cfg, "model_name", None), tp_size, tp_rank, pp_size, pp_rank,
+                   int(getattr(cfg, "dp_rank", 0) or 0), mla, writer, ",".join(parts))
+
+    @property
+    def process_index(self) -> int:
+        """This scheduler process among its deployment's (SGLang runs one per rank): its metrics port offset."""
+        return (self.dp_rank * self.pp_size + self.pp_rank) * self.tp_size + self.tp_rank
+
+
+def _model_settings() -> ModelSettings:
+    """SGLang's options that change the KV, with the meanings the vLLM side uses; the defaults if
+    SGLang publishes no server args (then a warning: set model_id per setting to keep them apart)."""
+    try:
+        from sglang.srt.runtime_context import get_server_args
+
+        args = get_server_args()
+    except Exception:
+        args = None
+    if args is None:
+        log.warning("kvtier: SGLang's server args are not available; assuming default model settings (no "
+                    "revision, quantization or overrides)")
+        return ModelSettings()
+    overrides = json.loads(getattr(args, "json_model_override_args", None) or "{}")
+    cache_dtype = str(getattr(args, "kv_cache_dtype", "auto") or "auto")
+    dtype = {"half": "float16", "float": "float32"}.get(str(args.dtype), str(args.dtype))
+    scales = getattr(args, "quantization_param_path", None)
+    return ModelSettings(revision=getattr(args, "revision", None), quantization=getattr(args, "quantization", None),
+                         kv_cache_dtype=cache_dtype, model_dtype=None if cache_dtype == "auto" else dtype,
+                         kv_scales="checkpoint" if not scales else f"file:{_file_digest(scales)}",
+                         overrides=overrides)
+
+
+def _file_digest(path: str) -> str:
+    """sha256 of a file's bytes (a KV-scales file: the same scales on every host name the same KV)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class KVTierHiCacheStorage(HiCacheStorage):
@@ -83,7 +124,8 @@ class KVTierHiCacheStorage(HiCacheStorage):
         self._model = self._config.model_id or self._sharding.model
         if not self._model:
             raise ValueError("kvtier: SGLang passed no model name; set model_id in the kvtier config")
-        self._store, _ = STORES.acquire(self._config)
+        self._settings = _model_settings()
+        self._store, _ = STORES.acquire(self._config, metrics_port_offset=self._sharding.process_index)
         self._closed = False
         self.mem_pool_host: Any = None
         self._paged: PagedKV | None = None
@@ -117,7 +159,8 @@ class KVTierHiCacheStorage(HiCacheStorage):
         salt = "\x00".join(s for s in (self._config.namespace, shard.extra_salt) if s)
         namespace = make_namespace(model=self._model, kv_dtype=dtype_name(paged.dtype), layout=paged.format_id,
                                    num_layers=paged.num_layers, kv_heads=paged.heads, head_dim=paged.dim,
-                                   tp_size=shard.tp_size, tp_rank=shard.tp_rank, chunk_size=page_size, salt=salt)
+                                   tp_size=shard.tp_size, tp_rank=shard.tp_rank, chunk_size=page_size, salt=salt,
+                                   pp_size=shard.pp_size, pp_rank=shard.pp_rank, settings=self._settings.digest())
         self.mem_pool_host = mem_pool_host
         self._paged, self._page_size, self._layout = paged, page_size, layout
         self._chunks = ChunkStore(self._store, namespace, make_copier("cpu"))

@@ -21,7 +21,6 @@ decoder finds them. Anything that goes wrong becomes a miss or a recompute: kvti
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,23 +28,24 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import vllm
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
 )
-from vllm.platforms import current_platform
-from vllm.v1.kv_cache_interface import AttentionSpec, MLAAttentionSpec
 
 from kvtier.config import KVTierConfig, load_config
 from kvtier.cuda_ext import PagedKV, make_copier
+from kvtier.storage_backends.factory import is_process_local
 
-from .chunk_store import ChunkStore, dtype_name
-from .keys import make_namespace
+from .chunk_store import ChunkStore
+from .keys import ModelSettings
 from .planner import RequestPlanner, StepPlan, TransferSpec, chunk_slots
+from .shards import PromptChain, ShardSet
 from .store_registry import STORES
 from .transfers import ChunkLoad, CopyStreams, LayerwiseLoad, SaveTracker
+from .vllm_inputs import request_chain, request_salt
+from .vllm_layout import CacheShape, EngineLayout, all_shards, model_settings, namespace, worker_layers, worker_ranks
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -59,58 +59,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _log_like_vllm() -> None:
+    """Show kvtier's log lines (from every module) where and as vLLM shows its own: vLLM configures
+    only its ``vllm`` logger, so kvtier's INFO lines would otherwise be dropped."""
+    ours, theirs = logging.getLogger("kvtier"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level or logging.INFO)
+    ours.propagate = False
+
+
 @dataclass
 class KVTierConnectorMetadata(KVConnectorMetadata):
     plan: StepPlan
-
-
-@dataclass(frozen=True)
-class _CacheShape:
-    """What kvtier needs to know about vLLM's KV cache, read from the engine at run time."""
-
-    layer_names: tuple[str, ...]
-    block_size: int
-    kv_heads: int
-    head_size: int
-    dtype: torch.dtype
-    mla: bool
-    opaque_backend: str | None  # set when the backend's in-block layout is private (CPU_ATTN)
-
-    @property
-    def per_block(self) -> bool:
-        return self.opaque_backend is not None
-
-    @property
-    def format_id(self) -> str:
-        if self.opaque_backend:
-            return "opaque-blocks:" + self.opaque_backend
-        return "mla" if self.mla else "kv"
-
-
-def _cache_shape(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> _CacheShape:
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, AttentionSpec):
-        raise ValueError(f"kvtier supports models with one full-attention KV cache group; this one has "
-                         f"{[type(g.kv_cache_spec).__name__ for g in groups]}")
-    spec = groups[0].kv_cache_spec
-    opaque = None
-    if current_platform.is_cpu():  # CPU_ATTN keeps K transposed inside each block: store blocks whole
-        cache_dtype = vllm_config.cache_config.cache_dtype
-        opaque = f"CPU_ATTN/vllm-{vllm.__version__}/{dtype_name(spec.dtype)}/{cache_dtype}/bs{spec.block_size}"
-    return _CacheShape(tuple(groups[0].layer_names), spec.block_size, spec.num_kv_heads, spec.head_size,
-                       spec.dtype, isinstance(spec, MLAAttentionSpec), opaque)
-
-
-def _request_salt(request: Request) -> str:
-    """cache_salt and the LoRA adapter: requests differing in either never share KV.
-
-    JSON, so no client-chosen cache_salt can spell another request's (salt, adapter) pair.
-    """
-    salt = getattr(request, "cache_salt", None) or None
-    lora = getattr(request, "lora_request", None)
-    if salt is None and lora is None:
-        return ""
-    return json.dumps([salt, None if lora is None else [lora.lora_name, lora.lora_int_id]])
 
 
 class KVTierConnector(KVConnectorBase_V1):
@@ -118,14 +81,25 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        _log_like_vllm()
         transfer = self._kv_transfer_config
         extra = dict(transfer.kv_connector_extra_config or {})
         self._config: KVTierConfig = load_config(extra.pop("config", None), overrides=extra)
-        self._shape = _cache_shape(vllm_config, kv_cache_config)
+        self._shape = CacheShape.of(vllm_config, kv_cache_config)
         if self._config.chunk_size % self._shape.block_size:
             raise ValueError(f"kvtier chunk_size {self._config.chunk_size} must be a multiple of vLLM's block size "
                              f"{self._shape.block_size}")
-        self._store, _ = STORES.acquire(self._config)
+        self._layout = EngineLayout.of(vllm_config)
+        settings = model_settings(vllm_config)
+        # A scheduler whose workers run in processes of their own sees only the tiers shared between processes.
+        self._shared_only = role == KVConnectorRole.SCHEDULER and self._layout.workers_apart
+        self._active = self._check_usable(settings, announce=role == KVConnectorRole.SCHEDULER)
+        self._ranks = worker_ranks() if role != KVConnectorRole.SCHEDULER else None
+        offset = self._layout.metrics_offset(None if self._ranks is None else
+                                             self._ranks[0] + self._layout.tp_size * self._ranks[1])
+        self._store = None
+        if self._active:
+            self._store, _ = STORES.acquire(self._config, shared_only=self._shared_only, metrics_port_offset=offset)
         # A prefill instance's answer tells the router the KV is ready: its saves must have reached
         # every tier (the decoder may read any of them) before the step returns.
         self._durable_saves = transfer.kv_role == "kv_producer"
@@ -134,53 +108,90 @@ class KVTierConnector(KVConnectorBase_V1):
         self._paged: PagedKV | None = None
         self._failed_blocks: set[int] = set()
         self._planner: RequestPlanner | None = None
-        if role == KVConnectorRole.SCHEDULER:
-            self._chunks = self._chunk_store(tp_rank=0)  # ranks store in step: rank 0 answers lookups
-            if transfer.kv_load_failure_policy != "recompute":
-                log.info("kvtier: setting kv_load_failure_policy=recompute (a cache miss must not fail a request)")
-                transfer.kv_load_failure_policy = "recompute"
-            self._planner = RequestPlanner(self._config.chunk_size, self._lookup, save=transfer.is_kv_producer,
-                                           load=transfer.is_kv_consumer, async_loads=self._config.load_mode == "async")
-        else:
-            self._loader: ThreadPoolExecutor | None = None  # async loads, started on first use
-            self._loading: dict[str, Future] = {}
-            self._failed_lock = threading.Lock()
-            self._streams: CopyStreams | None = None
-            self._layer_load: LayerwiseLoad | None = None
-            self._retired_loads: list[LayerwiseLoad] = []
-            self._layer_index: dict[str, int] = {}
-            self._saves = SaveTracker()
+        try:
+            if role == KVConnectorRole.SCHEDULER:
+                self._shards = ShardSet(all_shards(vllm_config, self._config, self._shape, self._layout, settings))
+                if transfer.kv_load_failure_policy != "recompute":
+                    log.info("kvtier: setting kv_load_failure_policy=recompute (a cache miss must not fail a request)")
+                    transfer.kv_load_failure_policy = "recompute"
+                self._chains: dict[str, PromptChain] = {}
+                self._planner = RequestPlanner(self._config.chunk_size, self._lookup,
+                                               save=transfer.is_kv_producer and self._active,
+                                               load=transfer.is_kv_consumer and self._active,
+                                               async_loads=self._config.load_mode == "async")
+            else:
+                tp_rank, pp_rank = self._ranks
+                layers = worker_layers(self._shape, self._layout, pp_rank)
+                self._namespace = namespace(vllm_config, self._config, self._shape, self._layout, settings,
+                                            tp_rank, pp_rank, layers)
+                self._writer = not self._shape.mla or tp_rank == 0  # MLA: ranks hold the same latent KV
+                self._loader: ThreadPoolExecutor | None = None  # async loads, started on first use
+                self._loading: dict[str, Future] = {}
+                self._failed_lock = threading.Lock()
+                self._streams: CopyStreams | None = None
+                self._layer_load: LayerwiseLoad | None = None
+                self._retired_loads: list[LayerwiseLoad] = []
+                self._layer_index: dict[str, int] = {}
+                self._saves = SaveTracker()
+        except BaseException:
+            self._release_store()
+            raise
 
-    def _chunk_store(self, tp_rank: int, device: torch.device | str = "cpu") -> ChunkStore:
-        parallel = self._vllm_config.parallel_config
-        shape = self._shape
-        namespace = make_namespace(  # MLA: one namespace for all TP ranks, as on the SGLang side
-            model=self._config.model_id or self._vllm_config.model_config.model,
-            kv_dtype="uint8" if shape.per_block else dtype_name(shape.dtype), layout=shape.format_id,
-            num_layers=len(shape.layer_names), kv_heads=shape.kv_heads, head_dim=shape.head_size,
-            tp_size=parallel.tensor_parallel_size, tp_rank=tp_rank, chunk_size=self._config.chunk_size,
-            salt=self._config.namespace,
-        )
-        copier = make_copier(device, max_sms=self._config.gpu.copy_sms, host_access=self._config.gpu.host_access)
-        return ChunkStore(self._store, namespace, copier)
+    def _check_usable(self, settings: ModelSettings, announce: bool) -> bool:
+        """Whether kvtier can do anything in this engine; the scheduler says (once, at start-up) which
+        tiers it looks up in when the workers run in processes of their own."""
+        if settings.kv_scales == "calculated":  # scales from the first batch: no chunk is right for another instance
+            if announce:
+                log.warning("kvtier: KV-cache scales are calculated at run time (calculate_kv_scales), so the KV "
+                            "differs per instance; kvtier neither loads nor saves")
+            return False
+        if not self._layout.workers_apart:
+            return True
+        shared = [t.name for t in self._config.tiers if not is_process_local(t)]
+        local = [t.name for t in self._config.tiers if is_process_local(t)]
+        shape = f"tensor_parallel_size={self._layout.tp_size}, pipeline_parallel_size={self._layout.pp_size}"
+        if not shared:
+            if announce:
+                log.warning("kvtier: the workers of this engine (%s) run in processes of their own and every "
+                            "configured tier (%s) is per process, so the scheduler can see none of their chunks: "
+                            "kvtier neither loads nor saves. Add a disk or redis tier.", shape, ", ".join(local))
+            return False
+        if announce:
+            log.info("kvtier: the workers of this engine (%s) run in processes of their own: the scheduler looks "
+                     "up in the %s tier(s)%s; a chunk counts only when every shard (rank, stage) holds it", shape,
+                     ", ".join(shared), f", not in the per-process {', '.join(local)} tier(s) (each worker's own "
+                     "read cache)" if local else "")
+        return True
+
+    def _release_store(self) -> None:
+        if self._store is not None:
+            self._store = None
+            STORES.release(self._config, shared_only=self._shared_only)
 
     # -- scheduler side ---------------------------------------------------------------------------
 
-    def _lookup(self, tokens: list[int], salt: str) -> int:
+    def _lookup(self, chain: PromptChain, salt: str) -> int:
         try:
-            return self._chunks.lookup(tokens, salt)
+            return self._shards.held_tokens(self._store, chain, salt)
         except Exception:  # a lookup must never fail the scheduler
             log.exception("kvtier: lookup failed; treating as a miss")
             return 0
 
+    def _chain(self, request: Request) -> PromptChain:
+        """The request's chunk chain, computed once (a waiting request is asked about every step)."""
+        chain = self._chains.get(request.request_id)
+        if chain is None:
+            chain = self._chains[request.request_id] = request_chain(request, self._config.chunk_size)
+        return chain
+
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        tokens = request.prompt_token_ids or []
-        matched = self._planner.matched_tokens(request.request_id, tokens, _request_salt(request), num_computed_tokens)
+        matched = self._planner.matched_tokens(request.request_id, self._chain(request), request_salt(request),
+                                               num_computed_tokens)
         return matched, bool(matched) and self._planner.async_loads
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        if request.prompt_token_ids:
-            self._planner.allocated(request.request_id, request.prompt_token_ids, _request_salt(request),
+        if request.num_prompt_tokens:
+            self._planner.allocated(request.request_id, self._chain(request), request_salt(request),
                                     num_external_tokens, blocks.get_block_ids()[0] if num_external_tokens else ())
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
@@ -201,6 +212,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # A request with saves keeps its blocks until the workers report the gathers done
         # (get_finished), so a copy on a side stream never reads blocks handed to another request.
+        self._chains.pop(request.request_id, None)
         return self._planner.finished(request.request_id), None
 
     # -- worker side ------------------------------------------------------------------------------
@@ -211,7 +223,9 @@ class KVTierConnector(KVConnectorBase_V1):
             self._paged = PagedKV.from_opaque_blocks(layers, self._shape.opaque_backend)
         else:  # vLLM hands standardized [B, H, N, C] views whatever the physical layout
             self._paged = PagedKV.from_vllm(layers, "HND", self._shape.head_size, mla=self._shape.mla)
-        self._chunks = self._chunk_store(_tp_rank(), layers[0].device)
+        device = layers[0].device
+        copier = make_copier(device, max_sms=self._config.gpu.copy_sms, host_access=self._config.gpu.host_access)
+        self._chunks = ChunkStore(self._store, self._namespace, copier)
         self._streams = CopyStreams(layers[0].device)
         self._layer_index = {name: i for i, name in enumerate(self._shape.layer_names)}
 
@@ -244,16 +258,19 @@ class KVTierConnector(KVConnectorBase_V1):
             del self._loading[req_id]
         return sent or None, done or None
 
-    def _load_args(self, spec: TransferSpec) -> tuple:
+    def _moves(self, spec: TransferSpec) -> tuple:
+        """(keys, paged cache, slots, tokens per chunk) of a spec's chunks, for this worker's shard."""
         size, block = self._config.chunk_size, self._shape.block_size
-        skip = spec.skip_tokens // block if self._shape.per_block else spec.skip_tokens
-        return (spec.token_ids, self._paged, chunk_slots(spec, size, block, self._shape.per_block), spec.first_chunk,
-                spec.salt, skip)
+        return (self._chunks.keys_for_digests(spec.chain, spec.salt), self._paged,
+                chunk_slots(spec, size, block, self._shape.per_block), spec.tokens_in(size))
+
+    def _skip_units(self, spec: TransferSpec) -> int:
+        return spec.skip_tokens // self._shape.block_size if self._shape.per_block else spec.skip_tokens
 
     def _fetch(self, spec: TransferSpec) -> ChunkLoad | None:
         """A synchronous load's chunks, read and checked now; copied into the cache layer by layer."""
         try:
-            load = self._chunks.fetch(*self._load_args(spec))
+            load = self._chunks.fetch_keys(*self._moves(spec), self._skip_units(spec))
         except Exception:
             log.exception("kvtier: loading %s failed; vLLM recomputes it", spec.req_id)
             load = ChunkLoad([], [])
@@ -263,7 +280,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def _load(self, spec: TransferSpec) -> None:
         """An async load: fetch and copy at once, on the loader thread."""
         try:
-            loaded = self._chunks.load(*self._load_args(spec))
+            loaded = self._chunks.load_keys(*self._moves(spec), self._skip_units(spec))
         except Exception:
             log.exception("kvtier: loading %s failed; vLLM recomputes it", spec.req_id)
             loaded = 0
@@ -274,7 +291,7 @@ class KVTierConnector(KVConnectorBase_V1):
         if loaded < spec.num_chunks:
             first_bad = max((spec.first_chunk + loaded) * size, spec.first_chunk * size + spec.skip_tokens)
             with self._failed_lock:
-                self._failed_blocks.update(spec.block_ids[first_bad // block : -(-len(spec.token_ids) // block)])
+                self._failed_blocks.update(spec.block_ids[first_bad // block : -(-spec.end_token // block)])
             log.warning("kvtier: %s: loaded %d of %d chunks; recomputing from token %d",
                         spec.req_id, loaded, spec.num_chunks, first_bad)
 
@@ -300,15 +317,11 @@ class KVTierConnector(KVConnectorBase_V1):
         self._finish_layer_load()
         if not self.has_connector_metadata():
             return
-        size, block = self._config.chunk_size, self._shape.block_size
         saves = self._get_connector_metadata().plan.saves
-        # MLA: every TP rank holds the same latent KV under the same keys; rank 0 alone writes it.
-        writer = not self._shape.mla or _tp_rank() == 0
         with self._streams.storing():
-            for spec in saves if writer else ():
+            for spec in saves if self._writer else ():  # MLA: rank 0 alone writes the shared latent KV
                 try:
-                    self._chunks.save(spec.token_ids, self._paged,
-                                      chunk_slots(spec, size, block, self._shape.per_block), spec.first_chunk, spec.salt)
+                    self._chunks.save_keys(*self._moves(spec))
                 except Exception:  # a failed save is a future miss, never a failed step
                     log.exception("kvtier: saving %s failed", spec.req_id)
         self._saves.saving([spec.req_id for spec in saves], self._streams.store_done())
@@ -327,16 +340,7 @@ class KVTierConnector(KVConnectorBase_V1):
                 self._loader.shutdown(wait=True)
             if self._chunks is not None:
                 self._chunks.close()  # GPU saves still being encoded reach the tiers first
-            STORES.release(self._config)
-
-
-def _tp_rank() -> int:
-    try:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
-        return get_tensor_model_parallel_rank()
-    except Exception:  # not initialised (single process): rank 0
-        return 0
+            self._release_store()
 
 
 def register() -> None:

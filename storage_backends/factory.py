@@ -44,14 +44,24 @@ def _cpu_pool(cfg: CpuTier):  # -> np.ndarray | None
     return pinned_pool(cfg.max_bytes // cfg.slot_bytes, cfg.slot_bytes)  # "always" without CUDA: a clear error
 
 
-def build_store(config: KVTierConfig, metric_set: MetricSet | None = None) -> TieredStore:
-    """The tiers of ``config`` in lookup order, sharing one metrics registry. The integrity key, if
-    configured, is read first (a bad key file fails before any tier is opened)."""
+def is_process_local(cfg: TierConfig) -> bool:
+    """Whether a tier's chunks are visible only inside the process that stored them (the cpu tier):
+    such a tier serves an engine's scheduler only when the workers run in its process."""
+    return isinstance(cfg, CpuTier)
+
+
+def build_store(config: KVTierConfig, metric_set: MetricSet | None = None, shared_only: bool = False) -> TieredStore:
+    """The tiers of ``config`` in lookup order, sharing one metrics registry; with ``shared_only``
+    the process-local ones are left out (a scheduler whose workers run in other processes: its
+    own cpu tier would never hold anything, and pinning its pool would waste memory). The integrity
+    key, if configured, is read first (a bad key file fails before any tier is opened)."""
     integrity_key = load_integrity_key(config)
     metric_set = metric_set or MetricSet()
     tiers: list[StorageBackend] = []
     try:
         for tier_cfg in config.tiers:
+            if shared_only and is_process_local(tier_cfg):
+                continue
             tiers.append(build_tier(tier_cfg, metric_set))
     except BaseException:
         for tier in tiers:

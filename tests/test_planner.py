@@ -5,49 +5,54 @@ from __future__ import annotations
 import torch
 
 from kvtier.connector.planner import RequestPlanner, StepPlan, TransferSpec, chunk_slots
+from kvtier.connector.shards import PromptChain
 
 CHUNK = 8
 
 
 def _planner(held: dict[tuple, int], **kw) -> RequestPlanner:
-    return RequestPlanner(CHUNK, lambda tokens, salt: held.get((len(tokens), salt), 0), **kw)
+    return RequestPlanner(CHUNK, lambda chain, salt: held.get((chain.num_tokens, salt), 0), **kw)
+
+
+def _chain(tokens: list[int]) -> PromptChain:
+    return PromptChain.of(tokens, CHUNK)
 
 
 def test_all_but_the_last_token_is_taken_and_loaded_in_one_step() -> None:
     planner = _planner({(20, ""): 20})  # two full chunks and a 4-token tail are stored
     tokens = list(range(20))
-    assert planner.matched_tokens("r", tokens, "", 0) == 19
-    planner.allocated("r", tokens, "", 19)
+    assert planner.matched_tokens("r", _chain(tokens), "", 0) == 19
+    planner.allocated("r", _chain(tokens), "", 19)
     plan = StepPlan()
     planner.scheduled("r", [5, 6, 7, 8, 9], True, 19, 1, plan)
-    assert plan.loads == [TransferSpec("r", tokens, [5, 6, 7, 8, 9], "", 0, 3, 0)]
+    assert plan.loads == [TransferSpec("r", list(_chain(tokens).digests), 20, [5, 6, 7, 8, 9], "", 0, 3, 0)]
     assert plan.saves == []  # everything is stored already
 
 
 def test_engine_prefix_hit_is_skipped_and_never_counted_twice() -> None:
     planner = _planner({(24, ""): 16})
     tokens = list(range(24))
-    assert planner.matched_tokens("r", tokens, "", 4) == 12  # the engine holds 4 tokens itself
-    assert planner.matched_tokens("r", tokens, "", 16) == 0
-    planner.allocated("r", tokens, "", 12)
+    assert planner.matched_tokens("r", _chain(tokens), "", 4) == 12  # the engine holds 4 tokens itself
+    assert planner.matched_tokens("r", _chain(tokens), "", 16) == 0
+    planner.allocated("r", _chain(tokens), "", 12)
     plan = StepPlan()
     planner.scheduled("r", list(range(6)), True, 16, 8, plan)
     load = plan.loads[0]
     assert (load.first_chunk, load.num_chunks, load.skip_tokens) == (0, 2, 4)
-    assert [(s.first_chunk, s.num_chunks, len(s.token_ids)) for s in plan.saves] == [(2, 1, 24)]
+    assert [(s.first_chunk, s.num_chunks, s.end_token) for s in plan.saves] == [(2, 1, 24)]
 
 
 def test_saves_follow_chunked_prefill_and_end_with_the_tail() -> None:
     planner = _planner({})
     tokens = list(range(21))
-    assert planner.matched_tokens("r", tokens, "", 0) == 0
-    planner.allocated("r", tokens, "", 0)
+    assert planner.matched_tokens("r", _chain(tokens), "", 0) == 0
+    planner.allocated("r", _chain(tokens), "", 0)
     steps = [(0, 10), (10, 10), (20, 1), (21, 1)]  # chunked prefill of 10, then the tail, then decode
     saved = []
     for computed, scheduled in steps:
         plan = StepPlan()
         planner.scheduled("r", [computed // 4], computed == 0, computed, scheduled, plan)
-        saved.append([(s.first_chunk, s.num_chunks, len(s.token_ids)) for s in plan.saves])
+        saved.append([(s.first_chunk, s.num_chunks, s.end_token) for s in plan.saves])
     assert saved == [[(0, 1, 8)], [(1, 1, 16)], [(2, 1, 21)], []]
 
 
@@ -55,30 +60,30 @@ def test_roles_and_short_prompts() -> None:
     consumer = _planner({(16, ""): 16}, save=False)
     producer = _planner({(16, ""): 16}, load=False)
     tokens = list(range(16))
-    assert producer.matched_tokens("r", tokens, "", 0) == 0
-    producer.allocated("r", tokens, "", 0)
+    assert producer.matched_tokens("r", _chain(tokens), "", 0) == 0
+    producer.allocated("r", _chain(tokens), "", 0)
     plan = StepPlan()
     producer.scheduled("r", [1, 2, 3, 4], True, 0, 16, plan)
     assert plan.saves == []  # the producer looked up: both chunks are stored already
-    assert consumer.matched_tokens("r", tokens, "", 0) == 15
-    consumer.allocated("r", tokens, "", 0)
+    assert consumer.matched_tokens("r", _chain(tokens), "", 0) == 15
+    consumer.allocated("r", _chain(tokens), "", 0)
     plan = StepPlan()
     consumer.scheduled("r", [1, 2, 3, 4], True, 0, 16, plan)
     assert plan.saves == [] and plan.loads == []
-    assert consumer.matched_tokens("r", [1], "", 0) == 0
+    assert consumer.matched_tokens("r", _chain([1]), "", 0) == 0
 
 
 def test_salt_reaches_the_lookup_and_the_specs() -> None:
     planner = _planner({(16, "lora=a"): 16})
-    assert planner.matched_tokens("r", list(range(16)), "", 0) == 0
-    assert planner.matched_tokens("r", list(range(16)), "lora=a", 0) == 15
+    assert planner.matched_tokens("r", _chain(list(range(16))), "", 0) == 0
+    assert planner.matched_tokens("r", _chain(list(range(16))), "lora=a", 0) == 15
 
 
 def test_unknown_and_finished_requests_are_ignored() -> None:
     planner = _planner({})
     plan = StepPlan()
     planner.scheduled("ghost", [1], True, 0, 4, plan)
-    planner.allocated("r", list(range(8)), "", 0)
+    planner.allocated("r", _chain(list(range(8))), "", 0)
     assert planner.finished("r") is False  # no save was sent: the engine frees its blocks at once
     planner.scheduled("r", [1, 2], True, 0, 8, plan)
     assert plan.loads == plan.saves == []
@@ -88,9 +93,9 @@ def test_unknown_and_finished_requests_are_ignored() -> None:
 def test_finished_request_with_saves_keeps_its_blocks() -> None:
     """Saves may still be copying on a side stream: the engine must wait for the workers."""
     planner = _planner({})
-    planner.allocated("r", list(range(8)), "", 0)
+    planner.allocated("r", _chain(list(range(8))), "", 0)
     planner.scheduled("r", [1], True, 0, 4, StepPlan())  # half a chunk computed: nothing saved yet
-    planner.allocated("s", list(range(8)), "", 0)
+    planner.allocated("s", _chain(list(range(8))), "", 0)
     planner.scheduled("s", [1, 2], True, 0, 8, plan := StepPlan())
     assert [spec.req_id for spec in plan.saves] == ["s"]
     assert planner.finished("r") is False
@@ -99,7 +104,7 @@ def test_finished_request_with_saves_keeps_its_blocks() -> None:
 
 
 def test_chunk_slots_for_token_and_block_layouts() -> None:
-    spec = TransferSpec("r", list(range(21)), [7, 3, 9, 4, 2, 8], "", 1, 2)
+    spec = TransferSpec("r", list(_chain(list(range(21))).digests[1:]), 21, [7, 3, 9, 4, 2, 8], "", 1, 2)
     tokens = chunk_slots(spec, CHUNK, 4, per_block=False)
     assert tokens[0].tolist() == [9 * 4 + i for i in range(4)] + [4 * 4 + i for i in range(4)]
     assert tokens[1].tolist() == [2 * 4 + i for i in range(4)] + [8 * 4]  # 5 tokens of the tail
@@ -111,14 +116,15 @@ def test_chunk_slots_for_token_and_block_layouts() -> None:
 def test_async_loads_are_planned_at_allocation_for_the_parked_request() -> None:
     planner = _planner({(20, ""): 20}, async_loads=True)
     tokens = list(range(20))
-    assert planner.matched_tokens("r", tokens, "", 4) == 15  # the engine holds 4 tokens itself
-    planner.allocated("r", tokens, "", 15, block_ids=[5, 6, 7, 8, 9])
+    assert planner.matched_tokens("r", _chain(tokens), "", 4) == 15  # the engine holds 4 tokens itself
+    planner.allocated("r", _chain(tokens), "", 15, block_ids=[5, 6, 7, 8, 9])
     plan = StepPlan()
     planner.take_async_loads(plan)
-    assert plan.async_loads == [TransferSpec("r", tokens, [5, 6, 7, 8, 9], "", 0, 3, skip_tokens=4)]
+    assert plan.async_loads == [TransferSpec("r", list(_chain(tokens).digests), 20, [5, 6, 7, 8, 9], "", 0, 3,
+                                             skip_tokens=4)]
     assert plan.loads == []
     later = StepPlan()  # once loaded, vLLM schedules it with the tokens computed: no second load
     planner.take_async_loads(later)
-    planner.allocated("r", tokens, "", 0)
+    planner.allocated("r", _chain(tokens), "", 0)
     planner.scheduled("r", [5, 6, 7, 8, 9], True, 19, 1, later)
     assert later.async_loads == later.loads == later.saves == []

@@ -24,8 +24,8 @@ from kvtier.connector.chunk_store import ChunkStore
 from kvtier.connector.planner import TransferSpec, chunk_slots
 from kvtier.connector.sglang import KVTierHiCacheStorage
 from kvtier.connector.store_registry import STORES
-from kvtier.connector.vllm import KVTierConnector, _CacheShape
-from kvtier.cuda_ext import PagedKV
+from kvtier.connector.vllm_layout import CacheShape, EngineLayout, model_settings, namespace
+from kvtier.cuda_ext import PagedKV, make_copier
 
 L, H, D, DM, PAGE, SLOTS = 2, 2, 8, 12, 4, 64  # layers, KV heads, head dim, MLA latent dim, page, host slots
 MODEL = "org/tiny-model"
@@ -256,21 +256,23 @@ BLOCK, BLOCKS = 2, 16  # vLLM's block size divides the chunk (page) size
 
 @pytest.fixture
 def vllm_side():
-    """ChunkStores built by the vLLM connector's own namespace construction
-    (``KVTierConnector._chunk_store``) over the shared store of a config; released at the end."""
+    """ChunkStores built by the vLLM connector's own namespace construction (``vllm_layout.namespace``
+    with the settings a default vLLM run reports) over the shared store of a config; released at the end."""
     acquired = []
 
     def build(config_path: Path, tp_size: int = 1, tp_rank: int = 0, mla: bool = False) -> ChunkStore:
         config = load_config(config_path)
         store, _ = STORES.acquire(config)
         acquired.append(config)
-        shape = _CacheShape(layer_names=tuple(f"layers.{i}.attn" for i in range(L)), block_size=BLOCK,
-                            kv_heads=1 if mla else H, head_size=DM if mla else D, dtype=torch.bfloat16, mla=mla,
-                            opaque_backend=None)
-        vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=tp_size),
-                                      model_config=SimpleNamespace(model=MODEL))
-        connector = SimpleNamespace(_vllm_config=vllm_config, _shape=shape, _config=config, _store=store)
-        return KVTierConnector._chunk_store(connector, tp_rank)
+        shape = CacheShape(layer_names=tuple(f"layers.{i}.attn" for i in range(L)), block_size=BLOCK,
+                           kv_heads=1 if mla else H, head_size=DM if mla else D, dtype=torch.bfloat16, mla=mla,
+                           opaque_backend=None)
+        model = SimpleNamespace(model=MODEL, revision=None, code_revision=None, quantization=None, hf_overrides={},
+                                dtype=torch.bfloat16)
+        vllm_config = SimpleNamespace(model_config=model, cache_config=SimpleNamespace(cache_dtype="auto"))
+        layout = EngineLayout(tp_size=tp_size, pp_size=1, dp_local_rank=0, workers_apart=tp_size > 1, total_layers=L)
+        ns = namespace(vllm_config, config, shape, layout, model_settings(vllm_config), tp_rank, 0, range(L))
+        return ChunkStore(store, ns, make_copier("cpu"))
 
     yield build
     for config in acquired:
@@ -306,7 +308,7 @@ def test_a_chunk_saved_by_vllm_loads_through_the_sglang_backend(backends, vllm_s
     tokens = tokens_of(3, start=40)
     layers, paged = vllm_cache(layout, 5)
     block_ids = [9, 3, 14, 0, 7, 11]
-    spec = TransferSpec("req", tokens, block_ids, "", 0, 3)
+    spec = TransferSpec("req", [], len(tokens), block_ids, "", 0, 3)
     assert vllm_side(config_file).save(tokens, paged, chunk_slots(spec, PAGE, BLOCK, False), wait=True) == 3
     pool = make_pool("mha", "page_first", None)
     backend = backends(pool, {"config": str(config_file)})
@@ -329,7 +331,7 @@ def test_a_chunk_saved_by_sglang_loads_into_a_vllm_hnd_cache(backends, vllm_side
     assert loader.lookup(tokens) == 8
     layers, paged = vllm_cache("HND", None)
     block_ids = [2, 15, 6, 1, 12]
-    spec = TransferSpec("req", tokens[:8], block_ids, "", 0, 2)
+    spec = TransferSpec("req", [], len(tokens[:8]), block_ids, "", 0, 2)
     assert loader.load(tokens[:8], paged, chunk_slots(spec, PAGE, BLOCK, False)) == 2
     assert same_bits(vllm_kv(layers, "HND", block_ids, 8), page_kv(pool, idx))
     assert not torch.stack(layers)[:, [b for b in range(BLOCKS) if b not in block_ids[:4]]].any()
@@ -340,7 +342,7 @@ def test_mla_chunks_are_shared_across_engines_and_tp_sizes(backends, vllm_side, 
     tokens = tokens_of(2, start=300)
     layers, paged = vllm_cache("NHD", 9, mla=True)
     block_ids = [4, 8, 1, 13]
-    spec = TransferSpec("req", tokens, block_ids, "", 0, 2)
+    spec = TransferSpec("req", [], len(tokens), block_ids, "", 0, 2)
     saver = vllm_side(config_file, tp_size=2, tp_rank=1, mla=True)  # a vLLM TP=2 worker
     assert saver.save(tokens, paged, chunk_slots(spec, PAGE, BLOCK, False), wait=True) == 2
     pool = make_pool("mla", "page_first", None)

@@ -89,7 +89,7 @@ def _rewrite_chunks(store: Path, noise_keeps_checksum: bool) -> int:
         if noise_keeps_checksum:  # well-formed chunks holding the wrong KV: only the model can tell
             noise = rng.standard_normal(header.nbytes // 4).astype(np.float32).tobytes()
             blob = bytes(encode_chunk(header.key, header.dtype, header.shape, header.layout, header.model,
-                                      header.num_tokens, noise))
+                                      header.num_tokens, noise, shard=header.shard))
         else:  # bytes damaged on disk
             blob = blob[:offset] + rng.bytes(len(blob) - offset)
         path.write_bytes(blob)

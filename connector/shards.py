@@ -1,0 +1,76 @@
+"""A prompt's chain of chunk digests, and lookups that hold for every shard of an engine.
+
+An engine split over processes (tensor-parallel ranks, pipeline stages) stores one chunk per shard
+for each chunk of tokens, under per-shard keys, and each shard's chunks are written by its own
+process at its own pace. A scheduler that promised a hit on rank 0's chunks alone would promise
+tokens another rank cannot load yet (it then recomputes them all while the engine reports them
+cached). So the scheduler asks for every shard's key of each chunk at once, chunk-major
+(``k0/r0, k0/r1, ..., k1/r0, ...``), in one prefix lookup: ``leading keys // shards`` is then
+exactly the number of leading chunks that *every* shard holds. Engine-agnostic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvtier.storage_backends.tiered import TieredStore
+
+from .keys import KeyNamespace, salted, storage_key, token_chain
+
+
+@dataclass(frozen=True)
+class PromptChain:
+    """The chain digests ``t_i`` of a prompt's chunks: every full chunk, then the partial tail if any."""
+
+    num_tokens: int
+    chunk_size: int
+    digests: tuple[bytes, ...]
+
+    @classmethod
+    def of(cls, tokens: Sequence[int] | np.ndarray, chunk_size: int,
+           extras: Mapping[int, bytes] | None = None) -> PromptChain:
+        return cls(len(tokens), chunk_size, tuple(token_chain(tokens, chunk_size, True, extras)))
+
+    def tokens_in(self, index: int) -> int:
+        """Tokens of chunk ``index`` (the tail may be shorter)."""
+        return min(self.chunk_size, self.num_tokens - index * self.chunk_size)
+
+
+class ShardSet:
+    """The namespaces of every shard of one engine (deduplicated: MLA ranks share one)."""
+
+    def __init__(self, namespaces: Sequence[KeyNamespace]) -> None:
+        if not namespaces:
+            raise ValueError("ShardSet needs at least one namespace")
+        unique: dict[bytes, KeyNamespace] = {}
+        for ns in namespaces:
+            unique.setdefault(ns.digest(), ns)
+        self.namespaces = tuple(unique.values())
+        self._digests: dict[str, tuple[bytes, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self.namespaces)
+
+    def digests(self, salt: str = "") -> tuple[bytes, ...]:
+        """Each shard's namespace digest under a request salt (cached; salts repeat)."""
+        found = self._digests.get(salt)
+        if found is None:
+            if len(self._digests) >= 1024:
+                self._digests.clear()
+            found = self._digests[salt] = tuple(salted(ns, salt).digest() for ns in self.namespaces)
+        return found
+
+    def keys(self, chain: Sequence[bytes], salt: str = "") -> list[str]:
+        """Every shard's key of every chunk, chunk-major."""
+        digests = self.digests(salt)
+        return [storage_key(ns, t) for t in chain for ns in digests]
+
+    def held_tokens(self, store: TieredStore, chain: PromptChain, salt: str = "") -> int:
+        """Leading tokens of the prompt whose chunks every shard holds (a stored tail counts too)."""
+        if not chain.digests:
+            return 0
+        held_chunks = store.contains(self.keys(chain.digests, salt)) // len(self.namespaces)
+        return min(chain.num_tokens, held_chunks * chain.chunk_size)
