@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -24,6 +26,20 @@ HERE = Path(__file__).parent
 KERNEL = HERE.parent / "cuda_ext" / "kernels" / "kv_copy.cu"
 
 
+def _private_build_dir() -> Path:
+    """A folder only this user can write (the library is loaded into the test process: a shared
+    place like /tmp would let another local user plant one); a fresh temp folder otherwise."""
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvtier-tests"
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = folder.lstat()
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022:
+            return folder
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="kvtier-kernel-emulator-"))
+
+
 def build_emulator() -> ctypes.CDLL:
     """Compile (once per source version) and load the emulation library."""
     cxx = shutil.which("g++")
@@ -31,7 +47,7 @@ def build_emulator() -> ctypes.CDLL:
         raise RuntimeError("g++ is needed to emulate the CUDA kernels on the CPU")
     sources = [HERE / "kernel_emulator.cpp", HERE / "cuda_shim.h", KERNEL]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
-    lib = Path(tempfile.gettempdir()) / f"kvtier-kernel-emulator-{digest}.so"
+    lib = _private_build_dir() / f"kvtier-kernel-emulator-{digest}.so"
     if not lib.exists():
         tmp = lib.with_suffix(f".{digest}.tmp")
         subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-o", str(tmp),
