@@ -8,7 +8,11 @@ installed, its ``vllm.general_plugins`` entry point registers the bare name ``KV
 
 This file only translates vLLM's objects: planning is :class:`RequestPlanner`, moving bytes is
 :class:`ChunkStore` and the copy layer, overlapping them with the forward pass is
-:mod:`.transfers`. Loads are fetched and checked before the forward pass and copied into the
+:mod:`.transfers`; what the engine's config says (cache shape, shards, settings) is
+:mod:`.vllm_layout`, what names a request's KV (salt, images, embeddings) is :mod:`.vllm_inputs`.
+An engine may run as several processes (tensor ranks, pipeline stages): each worker stores its own
+shard's chunks, and the scheduler, which sees only the tiers shared between processes, promises a
+chunk only when every shard holds it (:class:`ShardSet`). Loads are fetched and checked before the forward pass and copied into the
 cache layer by layer (on GPU on a side stream, each layer awaited just before its attention), or
 with ``load_mode: async`` run on a loader thread while vLLM parks the request in
 WAITING_FOR_REMOTE_KVS and keeps serving others (worth it when a tier is slow). Saves are

@@ -120,8 +120,11 @@ class EngineLayout:
     def world_size(self) -> int:
         return self.tp_size * self.pp_size
 
-    def stage_layers(self, pp_rank: int) -> range:
-        """The model layers pipeline stage ``pp_rank`` holds (vLLM's own partition)."""
+    def stage_layers(self, pp_rank: int, shape: CacheShape) -> range:
+        """The model layers pipeline stage ``pp_rank`` holds: without stages every layer of the KV
+        cache; with stages vLLM's own partition of the model's layers."""
+        if self.pp_size == 1:
+            return range(0, len(shape.layer_names))
         from vllm.distributed.utils import get_pp_indices
 
         start, end = get_pp_indices(self.total_layers, pp_rank, self.pp_size)
@@ -151,7 +154,7 @@ def namespace(vllm_config: VllmConfig, config: KVTierConfig, shape: CacheShape, 
 def all_shards(vllm_config: VllmConfig, config: KVTierConfig, shape: CacheShape, layout: EngineLayout,
                settings: ModelSettings) -> list[KeyNamespace]:
     """Every shard's namespace: what the scheduler looks up."""
-    return [namespace(vllm_config, config, shape, layout, settings, tp, pp, layout.stage_layers(pp))
+    return [namespace(vllm_config, config, shape, layout, settings, tp, pp, layout.stage_layers(pp, shape))
             for pp in range(layout.pp_size) for tp in range(layout.tp_size)]
 
 
@@ -166,12 +169,16 @@ def worker_ranks() -> tuple[int, int]:
 
 
 def worker_layers(shape: CacheShape, layout: EngineLayout, pp_rank: int) -> range:
-    """The layers this worker holds, from its own layer names; they must be its stage's partition,
-    or its keys would not be the ones the scheduler looks up (then: a clear error at start-up)."""
+    """The layers this worker holds. With pipeline stages they are read from its own layer names
+    and must be its stage's partition, or its keys would not be the ones the scheduler looks up
+    (then: a clear error at start-up)."""
+    expected = layout.stage_layers(pp_rank, shape)
+    if layout.pp_size == 1:
+        return expected
     indices = sorted(layer_index(name) for name in shape.layer_names)
     held = range(indices[0], indices[-1] + 1)
-    expected = layout.stage_layers(pp_rank)
-    if layout.pp_size > 1 and held != expected:
-        raise ValueError(f"kvtier: pipeline stage {pp_rank} holds layers {held.start}-{held.stop - 1} but vLLM's "
-                         f"partition gives it {expected.start}-{expected.stop - 1}; not supported")
-    return expected if layout.pp_size > 1 else range(0, len(shape.layer_names))
+    if held != expected or len(indices) != len(held):
+        raise ValueError(f"kvtier: pipeline stage {pp_rank} holds the KV of layers {indices[0]}-{indices[-1]} "
+                         f"({len(indices)} layers) but vLLM's partition gives it {expected.start}-{expected.stop - 1}; "
+                         "not supported")
+    return expected

@@ -350,3 +350,38 @@ def test_mla_chunks_are_shared_across_engines_and_tp_sizes(backends, vllm_side, 
     idx = host_pages([2, 9])
     assert backend.batch_get_v1(get_hash_str(tokens, page_size=PAGE), idx) == [True, True]
     assert same_bits(page_kv(pool, idx), vllm_kv(layers, "NHD", block_ids, len(tokens), mla=True))
+
+
+def test_sglang_settings_that_change_the_kv_enter_the_namespace(backends, config_file: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """SGLang's real ServerArgs; publishing them needs SGLang's GPU-side imports, so the accessor the
+    backend reads them through returns them directly. Defaults name the same namespace as vLLM's."""
+    from sglang.srt import runtime_context
+    from sglang.srt.server_args import ServerArgs
+
+    from kvtier.connector.keys import ModelSettings
+    from kvtier.connector.sglang import _model_settings
+
+    scales = tmp_path / "kv_scales.json"
+    scales.write_text('{"kv_cache": {"scaling_factor": {"0": {"0": 0.5}}}}')
+
+    def settings(**options) -> ModelSettings:
+        args = ServerArgs(model_path=MODEL, device="cpu", **options)
+        monkeypatch.setattr(runtime_context, "get_server_args", lambda: args)
+        return _model_settings()
+
+    assert settings().digest() == "" == ModelSettings().digest()
+    variants = [settings(revision="v2"), settings(json_model_override_args='{"rope_theta": 5.0}'),
+                settings(kv_cache_dtype="fp8_e4m3"), settings(kv_cache_dtype="fp8_e4m3", quantization_param_path=str(scales)),
+                settings(quantization="fp8")]
+    digests = [v.digest() for v in variants]
+    assert len(set(digests)) == len(digests) and "" not in digests
+    assert variants[1].overrides == {"rope_theta": 5.0}  # the meaning vLLM's hf_overrides have
+    settings()  # the saver runs with every default
+    saver = backends(make_pool("mha", "page_first", 1), {"config": str(config_file)})
+    keys = get_hash_str(tokens_of(1, start=5), page_size=PAGE)
+    assert saver.batch_set_v1(keys, host_pages([0])) == [True]
+    monkeypatch.setattr(runtime_context, "get_server_args", lambda: ServerArgs(model_path=MODEL, device="cpu",
+                                                                                revision="v2"))
+    other = backends(make_pool("mha", "page_first", None), {"config": str(config_file)})
+    assert other.batch_exists(keys) == 0  # another revision: another namespace, no hit

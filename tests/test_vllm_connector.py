@@ -185,3 +185,15 @@ def test_external_launcher_is_refused_with_a_reason(engine_config, monkeypatch: 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"))
     with pytest.raises(ValueError, match="external_launcher"):
         EngineLayout.of(engine_config(tensor_parallel_size=2, distributed_executor_backend="external_launcher"))
+
+
+def test_a_stage_must_hold_exactly_its_partition_of_the_layers() -> None:
+    from kvtier.connector.vllm_layout import worker_layers
+
+    staged = EngineLayout(tp_size=1, pp_size=2, dp_local_rank=0, workers_apart=True, total_layers=4)
+    stage1 = dataclasses.replace(_shape(2), layer_names=("model.layers.2.self_attn.attn", "model.layers.3.self_attn.attn"))
+    assert worker_layers(stage1, staged, pp_rank=1) == range(2, 4)
+    with pytest.raises(ValueError, match="pipeline stage 0 holds the KV of layers 2-3"):
+        worker_layers(stage1, staged, pp_rank=0)
+    single = EngineLayout(tp_size=2, pp_size=1, dp_local_rank=0, workers_apart=True, total_layers=40)
+    assert worker_layers(_shape(2), single, pp_rank=0) == range(0, 2)  # without stages: the cache's own layers
