@@ -28,13 +28,12 @@ from kvtier.cuda_ext import KVCopier, PagedKV
 from kvtier.storage_backends.tiered import TieredStore
 
 from .codec import Chunk, encode_chunk
-from .keys import KeyNamespace, chunk_keys, page_key_digest, salted, storage_key
+from .keys import KeyNamespace, chunk_keys, page_key_digest, salted_digest, storage_key
 from .transfers import ChunkLoad
 
 log = logging.getLogger(__name__)
 
 Tokens = Sequence[int] | np.ndarray
-_MAX_SALTS = 1024
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -55,22 +54,14 @@ class ChunkStore:
         self.namespace = namespace
         self.copier = copier
         self.chunk_size = namespace.chunk_size
-        self._digests: dict[str, bytes] = {}
-        self._digests_lock = threading.Lock()
         self._encoder: ThreadPoolExecutor | None = None  # GPU saves: encodes once the gather is done
         self._encoding: set[Future] = set()
         self._encoding_lock = threading.Lock()
         self._flush_late = False  # a flush ran out of time; logged once until one completes
 
     def digest(self, salt: str = "") -> bytes:
-        """The namespace digest for a request salt (cache_salt, LoRA adapter...), cached."""
-        with self._digests_lock:
-            found = self._digests.get(salt)
-            if found is None:
-                if len(self._digests) >= _MAX_SALTS:
-                    self._digests.clear()
-                found = self._digests[salt] = salted(self.namespace, salt).digest()
-            return found
+        """The namespace digest for a request salt (cache_salt, LoRA adapter...)."""
+        return salted_digest(self.namespace, salt)
 
     def keys(self, tokens: Tokens, salt: str = "", include_partial: bool = False) -> list[str]:
         """Keys of the chunks of ``tokens`` (and of the trailing partial chunk if asked)."""

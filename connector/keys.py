@@ -26,6 +26,7 @@ Nothing here depends on Python's ``hash()``, so keys agree across processes, hos
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -100,12 +101,13 @@ def make_namespace(*, model: str, kv_dtype: str, layout: str, num_layers: int, k
                         pp_size=pp_size, pp_rank=pp_rank, first_layer=first_layer, settings=settings)
 
 
-def salted(namespace: KeyNamespace, salt: str) -> KeyNamespace:
-    """The namespace of a request salt (cache_salt, LoRA adapter...): the config's own salt, then
-    the request's, NUL-separated."""
-    if not salt:
-        return namespace
-    return dataclasses.replace(namespace, salt=f"{namespace.salt}\x00{salt}")
+@functools.lru_cache(maxsize=4096)
+def salted_digest(namespace: KeyNamespace, salt: str = "") -> bytes:
+    """The namespace digest under a request salt (cache_salt, LoRA adapter...): the config's own
+    salt, then the request's, NUL-separated. Cached, as every lookup and transfer asks and salts repeat."""
+    if salt:
+        namespace = dataclasses.replace(namespace, salt=f"{namespace.salt}\x00{salt}")
+    return namespace.digest()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 
 from kvtier.storage_backends.tiered import TieredStore
 
-from .keys import KeyNamespace, salted, storage_key, token_chain
+from .keys import KeyNamespace, salted_digest, storage_key, token_chain
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,6 @@ class PromptChain:
            extras: Mapping[int, bytes] | None = None) -> PromptChain:
         return cls(len(tokens), chunk_size, tuple(token_chain(tokens, chunk_size, True, extras)))
 
-    def tokens_in(self, index: int) -> int:
-        """Tokens of chunk ``index`` (the tail may be shorter)."""
-        return min(self.chunk_size, self.num_tokens - index * self.chunk_size)
-
 
 class ShardSet:
     """The namespaces of every shard of one engine (deduplicated: MLA ranks share one)."""
@@ -45,27 +41,14 @@ class ShardSet:
     def __init__(self, namespaces: Sequence[KeyNamespace]) -> None:
         if not namespaces:
             raise ValueError("ShardSet needs at least one namespace")
-        unique: dict[bytes, KeyNamespace] = {}
-        for ns in namespaces:
-            unique.setdefault(ns.digest(), ns)
-        self.namespaces = tuple(unique.values())
-        self._digests: dict[str, tuple[bytes, ...]] = {}
+        self.namespaces = tuple(dict.fromkeys(namespaces))  # equal namespaces: one shard
 
     def __len__(self) -> int:
         return len(self.namespaces)
 
-    def digests(self, salt: str = "") -> tuple[bytes, ...]:
-        """Each shard's namespace digest under a request salt (cached; salts repeat)."""
-        found = self._digests.get(salt)
-        if found is None:
-            if len(self._digests) >= 1024:
-                self._digests.clear()
-            found = self._digests[salt] = tuple(salted(ns, salt).digest() for ns in self.namespaces)
-        return found
-
     def keys(self, chain: Sequence[bytes], salt: str = "") -> list[str]:
         """Every shard's key of every chunk, chunk-major."""
-        digests = self.digests(salt)
+        digests = [salted_digest(ns, salt) for ns in self.namespaces]
         return [storage_key(ns, t) for t in chain for ns in digests]
 
     def held_tokens(self, store: TieredStore, chain: PromptChain, salt: str = "") -> int:

@@ -65,7 +65,7 @@ def _embeds_digests(embeds: torch.Tensor, is_token: list[bool] | None, num_token
     for index, start in enumerate(range(0, num_tokens, chunk_size)):
         part = embeds[start : start + chunk_size].detach().cpu().contiguous()
         h = hashlib.sha256(msgpack.packb([str(part.dtype), list(part.shape)]))
-        h.update(part.view(torch.uint8).numpy().tobytes() if part.numel() else b"")
+        h.update(part.view(torch.uint8).numpy() if part.numel() else b"")
         if is_token is not None:
             h.update(bytes(bool(t) for t in is_token[start : start + chunk_size]))
         out[index] = h.digest()
