@@ -23,8 +23,8 @@ from collections.abc import Callable
 import blake3
 import xxhash
 
-from kvtier.connector.codec import decode_chunk, encode_chunk
-from kvtier.connector.integrity import IntegrityKey
+from kvtier.chunk_format.codec import decode_chunk, encode_chunk
+from kvtier.chunk_format.integrity import IntegrityKey
 
 MiB = 2**20
 KEY = "ab" * 32

@@ -24,21 +24,17 @@ from concurrent.futures import wait as futures_wait
 import numpy as np
 import torch
 
+from kvtier.chunk_format.codec import Chunk, encode_chunk
+from kvtier.chunk_format.dtypes import dtype_name
+from kvtier.chunk_format.keys import KeyNamespace, chunk_keys, page_key_digest, salted_digest, storage_key
 from kvtier.cuda_ext import KVCopier, PagedKV
 from kvtier.storage_backends.tiered import TieredStore
 
-from .codec import Chunk, encode_chunk
-from .keys import KeyNamespace, chunk_keys, page_key_digest, salted_digest, storage_key
 from .transfers import ChunkLoad
 
 log = logging.getLogger(__name__)
 
 Tokens = Sequence[int] | np.ndarray
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``: the name used in namespaces and chunk headers."""
-    return str(dtype).removeprefix("torch.")
 
 
 def split_slots(token_slots: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:

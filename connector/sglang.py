@@ -4,8 +4,10 @@ Enable it with ``--enable-hierarchical-cache --hicache-storage-backend dynamic
 --hicache-storage-backend-extra-config '{"backend_name":"kvtier","module_path":"kvtier.connector.sglang",
 "class_name":"KVTierHiCacheStorage","interface_v1":1,"config":"kvtier.yaml"}'``. ``config`` names the
 kvtier YAML (else ``$KVTIER_CONFIG``, else the built-in tiers); the other keys that are not SGLang's
-own override it as on the vLLM side (``"redis.url"``, ``"chunk_size"``...). The process-wide
-:data:`STORES` entry gives the same tiers and metrics as the vLLM connector.
+own override it as on the vLLM side (``"redis.url"``, ``"chunk_size"``...). That start-up (config,
+the process-wide store, the namespace inputs, which rank writes) is :mod:`.engine_setup`'s, shared
+with the vLLM connector: the same tiers, metrics and keys. The views of SGLang's host layouts are
+the copy layer's (:mod:`kvtier.cuda_ext.host_layouts`).
 
 Keys: SGLang hands the backend its page hashes ``t_i = sha256(t_{i-1} || page tokens as uint32)``
 (``get_hash_str``); kvtier's vLLM side computes the same chain over chunks of ``chunk_size`` tokens,
@@ -30,12 +32,12 @@ from typing import Any
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
-from kvtier.config import KVTierConfig, load_config
+from kvtier.chunk_format.keys import ModelSettings
 from kvtier.cuda_ext import PagedKV, make_copier
+from kvtier.cuda_ext.host_layouts import SGLANG_HOST_LAYOUTS, sglang_host_view, sglang_page_view
 
-from .chunk_store import ChunkStore, dtype_name
-from .keys import ModelSettings, make_namespace
-from .store_registry import STORES
+from .chunk_store import ChunkStore
+from .engine_setup import CacheFormat, EngineSetup, Shard, engine_config, writes_chunks
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,6 @@ _SGLANG_KEYS = frozenset({
     "backend_name", "module_path", "class_name", "interface_v1", "tp_lcm_size", "prefetch_threshold",
     "prefetch_timeout_base", "prefetch_timeout_per_ki_token", "hicache_storage_pass_prefix_keys",
 })
-_LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_head")
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,7 @@ class _Sharding:
         tp_size, tp_rank = int(getattr(cfg, "tp_size", 1) or 1), int(getattr(cfg, "tp_rank", 0) or 0)
         pp_size, pp_rank = int(getattr(cfg, "pp_size", 1) or 1), int(getattr(cfg, "pp_rank", 0) or 0)
         mla = bool(getattr(cfg, "is_mla_model", False))
-        writer = getattr(cfg, "is_storage_writer", None)
-        if not isinstance(writer, bool):
-            writer = not mla or tp_rank == 0
+        writer = writes_chunks(mla, tp_rank, getattr(cfg, "is_storage_writer", None))
         parts = []
         for name in ("attn_cp", "dcp"):
             size = int(getattr(cfg, f"{name}_size", 1) or 1)
@@ -82,6 +81,11 @@ class _Sharding:
     def process_index(self) -> int:
         """This scheduler process among its deployment's (SGLang runs one per rank): its metrics port offset."""
         return (self.dp_rank * self.pp_size + self.pp_rank) * self.tp_size + self.tp_rank
+
+    @property
+    def shard(self) -> Shard:
+        """This rank's place in the key namespace (SGLang gives no stage layer range: first layer 0)."""
+        return Shard(self.tp_size, self.tp_rank, self.pp_size, self.pp_rank, salt=self.extra_salt)
 
 
 def _model_settings() -> ModelSettings:
@@ -117,16 +121,11 @@ class KVTierHiCacheStorage(HiCacheStorage):
     """SGLang's L3 storage in kvtier's tiers, in the chunk format and keys the vLLM connector uses."""
 
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict[str, Any] | None = None) -> None:
-        extra = {k: v for k, v in dict(getattr(storage_config, "extra_config", None) or {}).items()
-                 if k not in _SGLANG_KEYS}
-        self._config: KVTierConfig = load_config(extra.pop("config", None), overrides=extra)
+        config = engine_config(getattr(storage_config, "extra_config", None), engine_keys=_SGLANG_KEYS)
         self._sharding = _Sharding.from_config(storage_config)
-        self._model = self._config.model_id or self._sharding.model
-        if not self._model:
-            raise ValueError("kvtier: SGLang passed no model name; set model_id in the kvtier config")
-        self._settings = _model_settings()
-        self._store, _ = STORES.acquire(self._config, metrics_port_offset=self._sharding.process_index)
-        self._closed = False
+        self._setup = EngineSetup.of(config, self._sharding.model, _model_settings(), engine="SGLang")
+        self._lease = self._setup.lease_store(metrics_port_offset=self._sharding.process_index)
+        self._store = self._lease.store
         self.mem_pool_host: Any = None
         self._paged: PagedKV | None = None
         self._chunks: ChunkStore | None = None
@@ -139,28 +138,25 @@ class KVTierHiCacheStorage(HiCacheStorage):
         """Build the zero-copy view of the host pool and the key namespace; refuses (one line, at
         start-up) a page size other than ``chunk_size`` and pools whose bytes kvtier cannot name."""
         page_size, layout = int(mem_pool_host.page_size), str(mem_pool_host.layout)
-        if page_size != self._config.chunk_size:
-            raise ValueError(f"kvtier chunk_size {self._config.chunk_size} must equal SGLang's page size {page_size} "
+        chunk_size = self._setup.config.chunk_size
+        if page_size != chunk_size:
+            raise ValueError(f"kvtier chunk_size {chunk_size} must equal SGLang's page size {page_size} "
                              f"(set chunk_size: {page_size} in the kvtier config, or --page-size "
-                             f"{self._config.chunk_size}): SGLang's page keys are kvtier's chunk keys")
+                             f"{chunk_size}): SGLang's page keys are kvtier's chunk keys")
         if getattr(mem_pool_host, "storage_format_tag", None) is not None:
             raise ValueError(f"kvtier: SGLang host pool {type(mem_pool_host).__name__} stores pages in its own "
                              f"format ({mem_pool_host.storage_format_tag}); not supported")
-        if layout not in _LAYOUTS:
-            raise ValueError(f"kvtier: SGLang host layout {layout!r} is not supported; use one of {list(_LAYOUTS)}")
+        if layout not in SGLANG_HOST_LAYOUTS:
+            raise ValueError(f"kvtier: SGLang host layout {layout!r} is not supported; use one of "
+                             f"{list(SGLANG_HOST_LAYOUTS)}")
         v_dim = getattr(mem_pool_host, "v_head_dim", None)
         if v_dim is not None and v_dim != getattr(mem_pool_host, "head_dim", v_dim):
             raise ValueError(f"kvtier: K head dim {mem_pool_host.head_dim} != V head dim {v_dim}; not supported")
         buffer = getattr(mem_pool_host, "kv_buffer", None)
         if not isinstance(buffer, torch.Tensor):
             raise ValueError(f"kvtier: SGLang host pool {type(mem_pool_host).__name__} has no single kv_buffer")
-        paged = _paged_view(buffer, layout, page_size, self._sharding.mla)
-        shard = self._sharding
-        salt = "\x00".join(s for s in (self._config.namespace, shard.extra_salt) if s)
-        namespace = make_namespace(model=self._model, kv_dtype=dtype_name(paged.dtype), layout=paged.format_id,
-                                   num_layers=paged.num_layers, kv_heads=paged.heads, head_dim=paged.dim,
-                                   tp_size=shard.tp_size, tp_rank=shard.tp_rank, chunk_size=page_size, salt=salt,
-                                   pp_size=shard.pp_size, pp_rank=shard.pp_rank, settings=self._settings.digest())
+        paged = sglang_host_view(buffer, layout, page_size, self._sharding.mla)
+        namespace = self._setup.namespace(CacheFormat.of(paged), self._sharding.shard)
         self.mem_pool_host = mem_pool_host
         self._paged, self._page_size, self._layout = paged, page_size, layout
         self._chunks = ChunkStore(self._store, namespace, make_copier("cpu"))
@@ -264,9 +260,7 @@ class KVTierHiCacheStorage(HiCacheStorage):
         return None  # kvtier exports its own per-tier Prometheus metrics
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            STORES.release(self._config)
+        self._lease.release()  # once, however often SGLang closes
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -295,46 +289,4 @@ class KVTierHiCacheStorage(HiCacheStorage):
     def _page_tensor_view(self, flat: torch.Tensor) -> PagedKV:
         """A one-page tensor in the host pool's layout, as the pool's own view of one page."""
         pool_shape = tuple(self.mem_pool_host.kv_buffer.shape)
-        return _paged_view(flat.reshape(_one_page_shape(pool_shape, self._layout, self._page_size,
-                                                        self._sharding.mla)),
-                           self._layout, self._page_size, self._sharding.mla)
-
-
-def _one_page_shape(shape: tuple[int, ...], layout: str, page_size: int, mla: bool) -> tuple[int, ...]:
-    """The pool buffer's shape with its token (or page) dimension cut to one page."""
-    token_dim = {"layer_first": 1, "page_first": 0}.get(layout)
-    if token_dim is not None:
-        dim = token_dim + (0 if mla else 1)
-        return (*shape[:dim], page_size, *shape[dim + 1:])
-    dim = 0 if mla else 1  # page_first_direct / page_head: a page dimension
-    return (*shape[:dim], 1, *shape[dim + 1:])
-
-
-def _paged_view(buffer: torch.Tensor, layout: str, page_size: int, mla: bool) -> PagedKV:
-    """SGLang's host layouts as :class:`PagedKV` views (no copy); a token slot is a host index.
-
-    MHA: layer_first ``(2, L, T, H, D)``, page_first ``(2, T, L, H, D)``, page_first_direct
-    ``(2, P, L, page, H, D)``, page_head ``(2, P, H, page, L, D)``. MLA drops the leading 2 and has
-    one head: ``(L, T, 1, D)``, ``(T, L, 1, D)``, ``(P, L, page, 1, D)``.
-    """
-    want = {"layer_first": 5, "page_first": 5, "page_first_direct": 6, "page_head": 6}[layout] - (1 if mla else 0)
-    if buffer.dim() != want or (not mla and buffer.shape[0] != 2):
-        kind = "MLA" if mla else "MHA"
-        raise ValueError(f"kvtier: SGLang {kind} host buffer of layout {layout} has shape {tuple(buffer.shape)}")
-    if layout == "layer_first":
-        if mla:
-            return PagedKV.from_sglang_layer_first(list(buffer), None, page_size)
-        return PagedKV.from_sglang_layer_first(list(buffer[0]), list(buffer[1]), page_size)
-    if layout == "page_first":
-        return PagedKV.from_sglang_page_first(buffer, page_size)
-    if layout == "page_first_direct":
-        if mla:
-            return PagedKV([buffer[:, i] for i in range(buffer.shape[1])], None, "sglang-page-first-direct-mla")
-        layers = range(buffer.shape[2])
-        return PagedKV([buffer[0, :, i] for i in layers], [buffer[1, :, i] for i in layers],
-                       "sglang-page-first-direct")
-    if mla:
-        raise ValueError("kvtier: SGLang MLA host pools have no page_head layout")
-    layers = range(buffer.shape[4])
-    return PagedKV([buffer[0, :, :, :, i].transpose(1, 2) for i in layers],
-                   [buffer[1, :, :, :, i].transpose(1, 2) for i in layers], "sglang-page-head")
+        return sglang_page_view(flat, pool_shape, self._layout, self._page_size, self._sharding.mla)

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvtier.chunk_format.keys import KeyNamespace, salted_digest, storage_key, token_chain
 from kvtier.storage_backends.tiered import TieredStore
-
-from .keys import KeyNamespace, salted_digest, storage_key, token_chain
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from kvtier.config import KVTierConfig
-from kvtier.storage_backends.factory import build_store, serve_metrics
+from kvtier.connector.config import KVTierConfig
+from kvtier.connector.store_factory import build_store, serve_metrics
 from kvtier.storage_backends.metrics import MetricSet
 from kvtier.storage_backends.tiered import TieredStore
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 import msgpack
 import torch
 
-from .keys import PlacedItem, chunk_extras
+from kvtier.chunk_format.keys import PlacedItem, chunk_extras
+
 from .shards import PromptChain
 
 if TYPE_CHECKING:

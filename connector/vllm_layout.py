@@ -19,10 +19,10 @@ import vllm
 from vllm.platforms import current_platform
 from vllm.v1.kv_cache_interface import AttentionSpec, MLAAttentionSpec
 
-from kvtier.config import KVTierConfig
-
-from .chunk_store import dtype_name
-from .keys import KeyNamespace, ModelSettings, make_namespace
+from kvtier.chunk_format.dtypes import dtype_name
+from kvtier.chunk_format.keys import KeyNamespace, ModelSettings
+from kvtier.connector.config import KVTierConfig
+from kvtier.connector.engine_setup import CacheFormat, EngineSetup, Shard
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -142,13 +142,11 @@ class EngineLayout:
 def namespace(vllm_config: VllmConfig, config: KVTierConfig, shape: CacheShape, layout: EngineLayout,
               settings: ModelSettings, tp_rank: int, pp_rank: int, layers: range) -> KeyNamespace:
     """The key namespace of one shard (MLA: one namespace for all TP ranks, as on the SGLang side)."""
-    return make_namespace(
-        model=config.model_id or vllm_config.model_config.model,
-        kv_dtype="uint8" if shape.per_block else dtype_name(shape.dtype), layout=shape.format_id,
-        num_layers=len(layers), kv_heads=shape.kv_heads, head_dim=shape.head_size,
-        tp_size=layout.tp_size, tp_rank=tp_rank, chunk_size=config.chunk_size, salt=config.namespace,
-        pp_size=layout.pp_size, pp_rank=pp_rank, first_layer=layers.start, settings=settings.digest(),
-    )
+    setup = EngineSetup.of(config, vllm_config.model_config.model, settings)
+    cache = CacheFormat(kv_dtype="uint8" if shape.per_block else dtype_name(shape.dtype), layout=shape.format_id,
+                        num_layers=len(layers), kv_heads=shape.kv_heads, head_dim=shape.head_size)
+    shard = Shard(layout.tp_size, tp_rank, layout.pp_size, pp_rank, first_layer=layers.start)
+    return setup.namespace(cache, shard)
 
 
 def all_shards(vllm_config: VllmConfig, config: KVTierConfig, shape: CacheShape, layout: EngineLayout,

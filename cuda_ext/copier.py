@@ -8,7 +8,6 @@ in :mod:`.torch_copier`, CUDA kernels later) gets checked inputs and only has to
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,8 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from .paged_kv import PagedKV
-
-log = logging.getLogger(__name__)
 
 
 class CopyDone:
@@ -166,22 +163,6 @@ def _plane_range(paged: PagedKV, layers: range | None) -> range:
     if layers.start < 0 or layers.stop > paged.num_layers:
         raise ValueError(f"layers {layers} not within the cache's {paged.num_layers} layers")
     return range(layers.start * paged.kv_planes, max(layers.start, layers.stop) * paged.kv_planes)
-
-
-def make_copier(device: torch.device | str | None = None, *, max_sms: int | None = None,
-                host_access: str = "direct") -> KVCopier:
-    """The copier for ``device``: the CUDA kernels (through CuPy) on a CUDA device when CuPy is
-    installed, else torch. ``max_sms`` and ``host_access`` tune the kernels (see CupyCopier)."""
-    from .torch_copier import TorchCopier  # lazily, as CuPy is optional
-
-    dev = torch.device(device) if device is not None else None  # rejects a malformed string early
-    if dev is not None and dev.type == "cuda":
-        from .cupy_copier import CupyCopier, cupy_available
-
-        if cupy_available():
-            return CupyCopier(dev, max_sms=max_sms, host_access=host_access)
-        log.warning("kvtier: CuPy is not installed (pip install kvtier[cuda]); using the slower torch copier")
-    return TorchCopier()
 
 
 def check_slots(paged: PagedKV, slots: torch.Tensor) -> torch.Tensor:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 from rich.console import Console
 from rich.table import Table
 
-from kvtier.storage_backends.redis_backend import mask_url
-from kvtier.urls import redact_text
+from kvtier.connector.config import ConfigError, load_config
+from kvtier.storage_backends.redis_common import mask_url, redact_text
+from kvtier.storage_backends.registry import tier_type
+from kvtier.storage_backends.summary import StoreSummary
 
 from . import __version__
-from .config import ConfigError, DiskTier, RedisTier, load_config
 
 
 def _check_config(args: argparse.Namespace, console: Console) -> int:
@@ -22,17 +24,13 @@ def _check_config(args: argparse.Namespace, console: Console) -> int:
     for column in ("tier", "type", "where", "cap / ttl"):
         table.add_column(column)
     for tier in config.tiers:
-        if isinstance(tier, DiskTier):
-            where, cap = tier.path, f"{tier.max_bytes / 2**30:.2f} GiB"
-        elif isinstance(tier, RedisTier):
-            where, cap = mask_url(tier.url), f"ttl {tier.ttl_seconds or 'none'}"
-        else:
-            where, cap = "host memory", f"{tier.max_bytes / 2**30:.2f} GiB"
+        describe = tier_type(tier.type).describe  # each tier type says what it is; a plug-in may not
+        where, cap = describe(tier) if describe is not None else ("-", "-")
         table.add_row(tier.name, tier.type, where, cap)
     console.print(table)
     console.print(f"chunk_size={config.chunk_size} write_policy={config.write_policy} "
                   f"namespace={config.namespace!r} metrics_port={config.metrics.port}")
-    from kvtier.connector.integrity import load_integrity_key
+    from kvtier.connector.integrity_key import load_integrity_key
 
     key = load_integrity_key(config)  # a bad key file or variable is a ConfigError, as at start-up
     console.print(f"integrity key: {key.source + ' (read, ok)' if key else 'none (chunks are checksummed, not MACed)'}")
@@ -40,27 +38,35 @@ def _check_config(args: argparse.Namespace, console: Console) -> int:
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
+    """``--disk`` / ``--redis`` name stores directly; else every tier of the config whose type can
+    summarize what it holds (the persistent ones), read with that tier's own settings."""
     from kvtier.storage_backends.disk_backend import summarize_disk
     from kvtier.storage_backends.redis_backend import summarize_redis
 
-    targets = [("disk", p) for p in args.disk] + [("redis", u) for u in args.redis]
+    targets: list[tuple[str, Callable[[], StoreSummary]]] = []
+    for path in args.disk:
+        targets.append((f"disk {mask_url(path)}", partial(summarize_disk, path)))
+    for url in args.redis:
+        targets.append((f"redis {mask_url(url)}", partial(summarize_redis, url, args.prefix)))
     if not targets:
         config = load_config(args.config)
         for tier in config.tiers:
-            if isinstance(tier, DiskTier):
-                targets.append(("disk", tier.path))
-            elif isinstance(tier, RedisTier):
-                targets.append(("redis", tier.url))
+            kind = tier_type(tier.type)
+            if kind.summarize is None:
+                continue
+            where = kind.describe(tier)[0] if kind.describe is not None else tier.name
+            targets.append((f"{tier.type} {mask_url(where)}", partial(kind.summarize, tier)))
     if not targets:
-        console.print("nothing to inspect: the config has no disk or redis tier")
+        console.print("nothing to inspect: the config has no tier that keeps chunks outside the process "
+                      "(disk, redis, ...)")
         return 1
     table = Table(title="kvtier stores")
     for column in ("store", "chunks", "bytes", "unreadable", "models", "layouts"):
         table.add_column(column)
-    for kind, where in targets:
-        summary = summarize_disk(where) if kind == "disk" else summarize_redis(where, args.prefix)
+    for label, summarize in targets:
+        summary = summarize()
         table.add_row(
-            f"{kind} {mask_url(where)}", str(summary.chunks), f"{summary.bytes / 2**20:.1f} MiB",
+            label, str(summary.chunks), f"{summary.bytes / 2**20:.1f} MiB",
             str(summary.unreadable),
             ", ".join(f"{m} ({n})" for m, n in summary.models.most_common()) or "-",
             ", ".join(f"{m} ({n})" for m, n in summary.layouts.most_common()) or "-",
@@ -88,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="what a disk folder or Redis namespace holds")
     inspect.add_argument("--disk", action="append", default=[], metavar="PATH")
     inspect.add_argument("--redis", action="append", default=[], metavar="URL")
-    inspect.add_argument("--prefix", default="kvtier:", help="Redis key prefix (default kvtier:)")
-    inspect.add_argument("--config", help="inspect the disk and redis tiers of this config (default: $KVTIER_CONFIG or built-in)")
+    inspect.add_argument("--prefix", default="kvtier:", help="key prefix of the --redis URLs (default kvtier:)")
+    inspect.add_argument("--config", help="inspect the persistent tiers (disk, redis, plug-ins) of this config, each "
+                                          "with its own settings (default: $KVTIER_CONFIG or built-in)")
     inspect.set_defaults(func=_inspect)
     demo = sub.add_parser("demo", help="a vLLM engine on CPU: the cache hit and the TTFT it saves")
     demo.add_argument("--config", help="YAML config (default: $KVTIER_CONFIG or the built-in cpu + disk tiers)")

@@ -14,12 +14,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kvtier.connector.chunk_store import ChunkStore, dtype_name, split_slots
-from kvtier.connector.keys import KeyNamespace
+from kvtier.chunk_format.dtypes import dtype_name
+from kvtier.chunk_format.keys import KeyNamespace
+from kvtier.connector.chunk_store import ChunkStore, split_slots
+from kvtier.connector.config import load_config
+from kvtier.connector.store_factory import build_store
 from kvtier.cuda_ext import PagedKV, make_copier
-from kvtier.storage_backends.factory import build_store
-
-from .config import load_config
 
 LAYERS, HEADS, HEAD_DIM, BLOCK, NUM_BLOCKS, PROMPT = 8, 4, 64, 16, 320, 4096
 

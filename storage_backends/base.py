@@ -1,6 +1,6 @@
 """The one interface every storage tier implements.
 
-Backends store opaque blobs (encoded chunks, see ``kvtier.connector.codec``) under hex keys. They
+Backends store opaque blobs (encoded chunks, see ``kvtier.chunk_format.codec``) under hex keys. They
 are batched because every caller works on a request's run of chunks, and prefix-shaped because a
 chunk is useless without the chunks before it: ``contains`` answers how many *leading* keys are
 present. A backend must never raise because its medium failed (Redis down, disk full, file

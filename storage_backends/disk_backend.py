@@ -1,6 +1,6 @@
 """Local-disk tier: one file per chunk under a byte cap, shareable by several processes.
 
-Layout: ``<root>/<key[:2]>/<key>.kvc`` (the whole encoded chunk, see ``kvtier.connector.codec``),
+Layout: ``<root>/<key[:2]>/<key>.kvc`` (the whole encoded chunk, see ``kvtier.chunk_format.codec``),
 plus ``<root>/.lock`` (``flock`` target, see ``disk_lock``) and ``<root>/.generation`` (writer
 counter). Folders are 0700 and files 0600 whatever the umask, because a KV cache holds what users
 prompted; a folder another user could write or swap is refused (see ``disk_folder``).

@@ -13,7 +13,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-from kvtier.connector.codec import MAX_HEADER_BYTES, PREFIX_BYTES
+from kvtier.chunk_format.codec import MAX_HEAD_BYTES
 
 from .summary import StoreSummary
 
@@ -112,7 +112,7 @@ def summarize_disk(path: str | os.PathLike[str]) -> StoreSummary:
         try:
             with open(root / key[:2] / f"{key}{SUFFIX}", "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                head = f.read(PREFIX_BYTES + MAX_HEADER_BYTES)
+                head = f.read(MAX_HEAD_BYTES)
         except FileNotFoundError:
             continue  # evicted while we walked
         except OSError:

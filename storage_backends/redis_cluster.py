@@ -12,143 +12,56 @@ refused).
 Batches are split by owning master (redis-py's ``keyslot`` and slot map) and each master gets one
 pipeline, all masters at once. We do not use redis-py's ``ClusterPipeline``: one unreachable master
 makes it fail the whole batch (and retry key by key with backoff), while here every master answers
-for its own keys. Failures are per master: a dead or slow master opens its own circuit breaker (one
-WARNING per outage, misses and skipped stores for its keys) while the others keep serving; as on one
-server, the breaker's pause doubles while the master keeps timing out (a stalled master) and is
-back to ``retry_interval_s`` once it answers. Slot map
-refreshes run in a background thread (at most one every ``retry_interval_s``), so a failover or a
-healed node is found without the engine ever waiting for it. The few commands that a master
+for its own keys. Failures are per master: a dead or slow master opens its own circuit breaker
+(``redis_common``'s, as on one server: one WARNING per outage, misses and skipped stores for its
+keys, a pause that doubles while the master keeps timing out) while the others keep serving. Slot
+map refreshes run in a background thread (at most one every ``retry_interval_s``), so a failover
+or a healed node is found without the engine ever waiting for it. The few commands that a master
 redirects (MOVED or ASK while slots migrate) are re-sent one by one through redis-py's cluster
 client, which follows the redirection and patches its slot map; that fallback stops at
 ``op_timeout_s``. No call raises because of the cluster, and none waits longer than one node's
-timeouts (``connect_timeout_s`` to connect, ``op_timeout_s`` per socket wait).
+timeouts (``connect_timeout_s`` to connect, ``op_timeout_s`` per socket wait). The URL parsing,
+the client's settings and the summary (``summarize_redis`` reads a cluster too) are in
+``redis_common``, which both tiers share.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
-from urllib.parse import urlsplit
 
-import redis
-from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.connection import Encoder, PythonRespSerializer
 from redis.exceptions import AskError, ClusterDownError, MovedError, SlotNotCoveredError, TryAgainError
-from redis.retry import Retry
 
 from .base import Buffer, StorageBackend
 from .metrics import TierMetrics
-from .redis_backend import (
-    _CMD_WARN_INTERVAL_S,
-    _CONN_ERRORS,
-    _MAX_RETRY_INTERVAL_S,
-    _PIPELINE_BYTES,
-    _TIMEOUTS,
-    _batches,
-    _wire_value,
-    breaker_pause,
+from .redis_common import (
+    CMD_WARN_INTERVAL_S,
+    CONN_ERRORS,
+    PIPELINE_BYTES,
+    CircuitBreaker,
+    ClusterUrl,
+    batches,
     check_options,
+    cluster_client,
+    is_cluster_url,
     mask_url,
+    parse_cluster_url,
+    wire_value,
 )
-from .summary import StoreSummary
+
+__all__ = ["ClusterUrl", "RedisClusterBackend", "is_cluster_url", "parse_cluster_url"]  # the URL parts re-exported
 
 log = logging.getLogger(__name__)
 
-CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 _MAX_PARALLEL_NODES = 8  # worker threads per tier for talking to several masters at once
-_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]/@,]+)(?::(\d{1,5}))?$")
 _REDIRECTS = (MovedError, AskError, TryAgainError)
 _BOOTSTRAP = "(bootstrap)"  # breaker name while no slot map could be read at all
-
-
-@dataclass(frozen=True)
-class ClusterUrl:
-    """A parsed ``redis+cluster://`` URL: the seed nodes and what every node connection shares."""
-
-    scheme: str  # redis or rediss
-    userinfo: str = field(repr=False)  # "[user]:password" or "": never in a repr
-    nodes: tuple[tuple[str, int], ...]
-    query: str = field(repr=False)  # may hold password=... or ssl_password=...: never in a repr
-
-    def node_url(self, index: int = 0) -> str:
-        """A plain redis-py URL for one seed (credentials and TLS options included)."""
-        host, port = self.nodes[index]
-        auth = f"{self.userinfo}@" if self.userinfo else ""
-        return f"{self.scheme}://{auth}{host}:{port}/0" + (f"?{self.query}" if self.query else "")
-
-
-def is_cluster_url(url: str) -> bool:
-    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
-
-
-def parse_cluster_url(url: str) -> ClusterUrl:
-    """Parse ``redis+cluster://[[user]:password@]host:port[,host:port...][/0][?options]``.
-
-    Raises ``ValueError`` with a one-line reason (the URL's password masked)."""
-    shown = mask_url(url)
-    try:
-        parts = urlsplit(url)
-    except ValueError as exc:
-        raise ValueError(f"{shown} is not a valid URL ({exc})") from None
-    scheme = CLUSTER_SCHEMES.get(parts.scheme.lower())
-    if scheme is None:
-        raise ValueError(f"{shown} does not start with redis+cluster:// or rediss+cluster://")
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    if not hosts:
-        raise ValueError(f"{parts.scheme}:// URL names no node (host:port[,host:port...])")
-    nodes = []
-    for item in hosts.split(","):
-        match = _HOST_PORT.match(item.strip())
-        port = int(match.group(2) or 6379) if match else 0
-        if not match or not 0 < port < 65536:
-            raise ValueError(f"{shown}: {_shown_part(item.strip(), shown)} is not host:port (list seed nodes as "
-                             "host:port,host:port)")
-        nodes.append((match.group(1), port))
-    if parts.path not in ("", "/", "/0"):
-        raise ValueError(f"{shown}: Redis Cluster has only database 0, got path {_shown_part(parts.path, shown)}")
-    if parts.fragment:
-        raise ValueError(f"{shown}: unexpected fragment {_shown_part('#' + parts.fragment, shown)}")
-    return ClusterUrl(scheme, userinfo, tuple(nodes), parts.query)
-
-
-def _shown_part(part: str, shown: str) -> str:
-    """``part`` of a URL, quoted, if the masked URL ``shown`` shows it anyway; else a placeholder.
-    urlsplit cuts the authority at a raw ``/``, ``?`` or ``#``, so with such a password the "host"
-    or "path" it finds is a piece of the password."""
-    if part and part in shown.rpartition("@")[2]:
-        return repr(part)
-    return "a part not shown (it may hold the password: percent-encode / ? # in a password)"
-
-
-def _cluster_client(spec: ClusterUrl, connect_timeout_s: float, op_timeout_s: float,
-                    max_connections: int) -> RedisCluster:
-    """A cluster client with bounded waits and no hidden retries; reads the slot map now (may raise)."""
-    packer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)  # large values uncopied
-    return RedisCluster(
-        url=spec.node_url(0), startup_nodes=[ClusterNode(host.strip("[]"), port) for host, port in spec.nodes[1:]],
-        require_full_coverage=False,  # a master without slots' owner alive must not stop the others
-        retry=Retry(NoBackoff(), 0),  # the breaker decides when to try again
-        connection_pool_class=partial(redis.BlockingConnectionPool, command_packer=packer),
-        socket_timeout=op_timeout_s, socket_connect_timeout=connect_timeout_s,
-        max_connections=max_connections, timeout=op_timeout_s,  # timeout: wait for a pooled connection
-    )
-
-
-@dataclass
-class _NodeState:
-    """The circuit breaker of one master."""
-
-    down_until: float = 0.0
-    outage: bool = False  # a WARNING was logged and the node has not answered since
-    timeouts: int = 0  # breaker openings by a timeout since the node last answered (for the backoff)
 
 
 class _Failed:
@@ -179,7 +92,7 @@ class RedisClusterBackend(StorageBackend):
         self.op_timeout_s = op_timeout_s
         self._client_args = (connect_timeout_s, op_timeout_s, max_connections)
         self._lock = threading.Lock()
-        self._nodes: dict[str, _NodeState] = {}
+        self._nodes: dict[str, CircuitBreaker] = {}  # the breaker of each master that failed
         self._last_cmd_warn = float("-inf")
         self._closed = False
         self._refresh_due = 0.0  # monotonic time of the next allowed slot-map refresh
@@ -187,7 +100,7 @@ class RedisClusterBackend(StorageBackend):
         self._pool = ThreadPoolExecutor(max_workers=_MAX_PARALLEL_NODES, thread_name_prefix=f"kvtier-{name}")
         self._client: RedisCluster | None = None
         try:
-            self._client = _cluster_client(self._spec, *self._client_args)
+            self._client = cluster_client(self._spec, *self._client_args)
         except Exception as exc:  # unreachable at start: misses until the background refresh connects
             self._node_failed(_BOOTSTRAP, exc)
 
@@ -218,8 +131,8 @@ class RedisClusterBackend(StorageBackend):
         stored = nbytes = 0
         if items and not self._closed:
             expiry = ("EX", self.ttl_seconds) if self.ttl_seconds else ()
-            views = [(self.key_prefix + key, _wire_value(blob)) for key, blob in items]
-            for batch in _batches(views, _PIPELINE_BYTES):
+            views = [(self.key_prefix + key, wire_value(blob)) for key, blob in items]
+            for batch in batches(views, PIPELINE_BYTES):
                 replies = self._run("put", [("SET", key, view, *expiry) for key, view in batch])
                 stored += sum(r is True for r in replies)
                 nbytes += sum(len(v) for (_, v), r in zip(batch, replies) if r is True)
@@ -340,7 +253,7 @@ class RedisClusterBackend(StorageBackend):
                 continue
             try:
                 replies[i] = client.execute_command(*commands[i])
-            except _CONN_ERRORS:
+            except CONN_ERRORS:
                 replies[i] = FAILED
                 self._want_refresh()
             except Exception as exc:  # noqa: BLE001 - a refusal, counted by the caller
@@ -349,35 +262,25 @@ class RedisClusterBackend(StorageBackend):
     # --- breakers and topology --------------------------------------------------------------------
 
     def _node_available(self, node_name: str) -> bool:
-        state = self._nodes.get(node_name)
-        return state is None or time.monotonic() >= state.down_until
+        breaker = self._nodes.get(node_name)
+        return breaker is None or not breaker.is_open()
 
     def _node_failed(self, node_name: str, exc: Exception) -> None:
         """Open this node's breaker (one WARNING per outage) and look for a new slot map soon."""
-        now = time.monotonic()
-        with self._lock:
-            state = self._nodes.setdefault(node_name, _NodeState())
-            if isinstance(exc, _TIMEOUTS) and now >= state.down_until:  # not a call that was in flight
-                state.timeouts += 1
-            pause = breaker_pause(self.retry_interval_s, exc, state.timeouts)
-            state.down_until = max(state.down_until, now + pause)
-            should_log, state.outage = not state.outage, True
-        if should_log:
+        with self._lock:  # not while a refresh drops the breakers of nodes that serve no slot any more
+            breaker = self._nodes.setdefault(node_name, CircuitBreaker(self.retry_interval_s))
+            began = breaker.trip(exc)
+        if began:
             what = "no node answered" if node_name == _BOOTSTRAP else f"node {node_name} is unavailable"
             log.warning("Redis cluster tier %r at %s: %s (%s: %s); its keys are misses, retrying every %.1f s "
                         "(backing off up to %.0f s while it times out)", self.name, self.url, what,
-                        type(exc).__name__, exc, self.retry_interval_s,
-                        max(_MAX_RETRY_INTERVAL_S, self.retry_interval_s))
+                        type(exc).__name__, exc, self.retry_interval_s, breaker.max_pause_s)
         self._want_refresh()
 
     def _node_answered(self, node_name: str) -> None:
-        state = self._nodes.get(node_name)
-        if state is not None and state.outage:
-            with self._lock:
-                recovered, state.outage = state.outage, False
-                state.timeouts = 0
-            if recovered:
-                log.info("Redis cluster tier %r at %s: node %s is reachable again", self.name, self.url, node_name)
+        breaker = self._nodes.get(node_name)
+        if breaker is not None and breaker.reset():
+            log.info("Redis cluster tier %r at %s: node %s is reachable again", self.name, self.url, node_name)
 
     def _refused(self, op: str, exc: Exception) -> None:
         """A live node refused a command (OOM, CLUSTERDOWN): logged at most once a minute."""
@@ -385,7 +288,7 @@ class RedisClusterBackend(StorageBackend):
             self._want_refresh()
         now = time.monotonic()
         with self._lock:
-            should_log = now - self._last_cmd_warn >= _CMD_WARN_INTERVAL_S
+            should_log = now - self._last_cmd_warn >= CMD_WARN_INTERVAL_S
             if should_log:
                 self._last_cmd_warn = now
         if should_log:
@@ -413,10 +316,10 @@ class RedisClusterBackend(StorageBackend):
         the next refresh, so while an outage lasts the map is read about once per retry interval."""
         try:
             if self._client is None:
-                self._client = _cluster_client(self._spec, *self._client_args)
+                self._client = cluster_client(self._spec, *self._client_args)
             else:
                 with self._lock:
-                    down = [name for name, state in self._nodes.items() if state.outage]
+                    down = [name for name, breaker in self._nodes.items() if breaker.outage]
                 self._client.nodes_manager.initialize(last_failed_node_name=down[0] if down else None)
         except Exception as exc:  # noqa: BLE001 - nothing reachable yet; the next call retries
             log.debug("Redis cluster tier %r: slot map refresh failed: %r", self.name, exc)
@@ -425,34 +328,7 @@ class RedisClusterBackend(StorageBackend):
         with self._lock:
             gone = [name for name in self._nodes if name not in primaries]
             for name in gone:
-                state = self._nodes.pop(name)
-                if state.outage:
+                if self._nodes.pop(name).outage:
                     moved = "connected" if name == _BOOTSTRAP else "serves no slot any more; its slots moved"
                     log.info("Redis cluster tier %r at %s: %s %s", self.name, self.url,
                              "cluster" if name == _BOOTSTRAP else f"node {name}", moved)
-
-
-def summarize_cluster(url: str, key_prefix: str, connect_timeout_s: float = 2.0) -> StoreSummary:
-    """``summarize_redis`` for a cluster: every master's keys under the prefix (see there)."""
-    from .redis_backend import _summarize_page
-
-    summary = StoreSummary(location=f"{mask_url(url)} prefix {key_prefix!r}")
-    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", key_prefix) + "*"
-    try:
-        client = _cluster_client(parse_cluster_url(url), connect_timeout_s, max(connect_timeout_s, 5.0), 2)
-    except Exception as exc:
-        raise ConnectionError(f"cannot read Redis Cluster at {mask_url(url)}: {type(exc).__name__}: {exc}") from None
-    try:
-        for node in client.get_primaries():
-            node_client = client.get_redis_connection(node)
-            cursor = None
-            while cursor != 0:
-                cursor, page = node_client.scan(cursor or 0, match=pattern, count=1000)
-                if page:
-                    _summarize_page(node_client, page, key_prefix.encode(), summary)
-    except _CONN_ERRORS as exc:
-        raise ConnectionError(f"cannot read Redis Cluster at {mask_url(url)}: {type(exc).__name__}: {exc}") from None
-    finally:
-        client.close()
-    return summary
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from kvtier.connector.codec import ChunkCorrupt, decode_header
+from kvtier.chunk_format.codec import ChunkCorrupt, decode_header
 
 
 @dataclass

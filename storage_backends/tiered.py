@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
-from kvtier.connector.codec import Chunk, ChunkCorrupt, decode_chunk
-from kvtier.connector.integrity import IntegrityKey
+from kvtier.chunk_format.codec import Chunk, ChunkCorrupt, decode_chunk
+from kvtier.chunk_format.integrity import IntegrityKey
 
 from .base import Buffer, StorageBackend
 from .lookup_guard import DEFAULT_LOOKUP_BUDGET_S, GuardedLookup, bounded_lookup

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvtier.connector.chunk_store import ChunkStore, dtype_name, split_slots
-from kvtier.connector.codec import encode_chunk
-from kvtier.connector.keys import KeyNamespace
+from kvtier.chunk_format.codec import encode_chunk
+from kvtier.chunk_format.dtypes import dtype_name
+from kvtier.chunk_format.keys import KeyNamespace
+from kvtier.connector.chunk_store import ChunkStore, split_slots
 from kvtier.connector.shards import PromptChain, ShardSet
 from kvtier.cuda_ext import PagedKV, make_copier
 from kvtier.storage_backends.cpu_backend import CpuBackend

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from kvtier.chunk_format.codec import encode_chunk
 from kvtier.cli import main
-from kvtier.connector.codec import encode_chunk
 from kvtier.storage_backends.disk_backend import DiskBackend
 from kvtier.storage_backends.redis_backend import RedisBackend
 

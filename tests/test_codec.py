@@ -11,7 +11,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.connector.codec import (
+from kvtier.chunk_format.codec import (
     DTYPE_SIZES,
     MAGIC,
     PREFIX_BYTES,
@@ -21,7 +21,7 @@ from kvtier.connector.codec import (
     encode_chunk,
     encode_header,
 )
-from kvtier.connector.keys import FORMAT_VERSION
+from kvtier.chunk_format.keys import FORMAT_VERSION
 
 KEY = "ab" * 32
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvtier.cli import main as cli_main
-from kvtier.config import ConfigError, DiskTier, RedisTier, load_config, parse_byte_size
+from kvtier.connector.config import ConfigError, DiskTier, RedisTier, load_config, parse_byte_size
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml"))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.connector.codec import ChunkCorrupt, decode_chunk, encode_chunk
+from kvtier.chunk_format.codec import ChunkCorrupt, decode_chunk, encode_chunk
 from kvtier.storage_backends.disk_backend import DiskBackend, summarize_disk
 
 

@@ -26,11 +26,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from kvtier.config import load_config
-from kvtier.connector.codec import decode_chunk, encode_chunk
+from kvtier.chunk_format.codec import decode_chunk, encode_chunk
+from kvtier.connector.config import load_config
+from kvtier.connector.store_factory import build_store
 from kvtier.storage_backends.cpu_backend import CpuBackend
 from kvtier.storage_backends.disk_backend import DiskBackend
-from kvtier.storage_backends.factory import build_store
 from kvtier.storage_backends.tiered import TieredStore
 
 T = TypeVar("T")
@@ -217,8 +217,8 @@ def test_build_store_and_registry_release_use_the_configured_bounds(
 
 
 def test_chunk_store_flush_is_bounded_by_flush_timeout_s(tmp_path: Path) -> None:
+    from kvtier.chunk_format.keys import KeyNamespace
     from kvtier.connector.chunk_store import ChunkStore
-    from kvtier.connector.keys import KeyNamespace
     from kvtier.cuda_ext import make_copier
 
     root = tmp_path / "kv"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.connector.codec import encode_chunk
+from kvtier.chunk_format.codec import encode_chunk
 from kvtier.storage_backends.disk_backend import DiskBackend, UnsafeCacheFolder
 
 

@@ -9,12 +9,13 @@ import importlib.util
 import pytest
 import torch
 
-from kvtier.config import CpuTier, KVTierConfig
-from kvtier.connector.chunk_store import ChunkStore, dtype_name, split_slots
-from kvtier.connector.keys import KeyNamespace
+from kvtier.chunk_format.dtypes import dtype_name
+from kvtier.chunk_format.keys import KeyNamespace
+from kvtier.connector.chunk_store import ChunkStore, split_slots
+from kvtier.connector.config import CpuTier, KVTierConfig
+from kvtier.connector.store_factory import build_store
 from kvtier.connector.transfers import CopyStreams, LayerwiseLoad
 from kvtier.cuda_ext import PagedKV, make_copier
-from kvtier.storage_backends.factory import build_store
 
 pytestmark = [
     pytest.mark.gpu,

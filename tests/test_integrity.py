@@ -14,15 +14,17 @@ import pytest
 import torch
 import xxhash
 
+from kvtier.chunk_format.codec import PREFIX_BYTES, decode_chunk, encode_chunk, payload_offset
+from kvtier.chunk_format.dtypes import dtype_name
+from kvtier.chunk_format.integrity import IntegrityKey
+from kvtier.chunk_format.keys import KeyNamespace
 from kvtier.cli import main as cli_main
-from kvtier.config import ConfigError, load_config
-from kvtier.connector.chunk_store import ChunkStore, dtype_name, split_slots
-from kvtier.connector.codec import PREFIX_BYTES, decode_chunk, encode_chunk, payload_offset
-from kvtier.connector.integrity import IntegrityKey, load_integrity_key
-from kvtier.connector.keys import KeyNamespace
+from kvtier.connector.chunk_store import ChunkStore, split_slots
+from kvtier.connector.config import ConfigError, load_config
+from kvtier.connector.integrity_key import load_integrity_key
+from kvtier.connector.store_factory import build_store
 from kvtier.cuda_ext import PagedKV, make_copier
 from kvtier.storage_backends.disk_backend import DiskBackend
-from kvtier.storage_backends.factory import build_store
 from kvtier.storage_backends.tiered import TieredStore
 
 SECRET = b"correct horse battery staple 42"

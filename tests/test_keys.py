@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.connector.keys import (
+from kvtier.chunk_format.keys import (
     KeyNamespace,
     ModelSettings,
     PlacedItem,
@@ -120,7 +120,7 @@ def test_invalid_namespace_and_tokens_are_rejected() -> None:
 
 _CHILD = """
 import json, sys
-from kvtier.connector.keys import KeyNamespace, chunk_keys
+from kvtier.chunk_format.keys import KeyNamespace, chunk_keys
 ns = KeyNamespace(model="m", kv_dtype="bfloat16", layout="vllm-nhd", num_layers=32, kv_heads=8, head_dim=128,
                   tp_size=2, tp_rank=1, chunk_size=256, salt="s")
 print(json.dumps([ns.digest().hex(), chunk_keys(ns.digest(), list(range(1000)), 256, include_partial=True)]))

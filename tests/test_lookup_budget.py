@@ -21,11 +21,11 @@ import pytest
 from redis_cluster import RedisCluster
 from redis_server import REDIS_SERVER, RedisServer
 
-from kvtier.config import ConfigError, load_config
-from kvtier.connector.codec import encode_chunk
+from kvtier.chunk_format.codec import encode_chunk
+from kvtier.connector.config import ConfigError, load_config
+from kvtier.connector.store_factory import build_store
 from kvtier.storage_backends.base import Buffer, StorageBackend
 from kvtier.storage_backends.cpu_backend import CpuBackend
-from kvtier.storage_backends.factory import build_store
 from kvtier.storage_backends.lookup_guard import GuardedLookup, bounded_lookup
 from kvtier.storage_backends.metrics import MetricSet, TierMetrics
 from kvtier.storage_backends.redis_backend import RedisBackend

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from kvtier.cli import main as cli_main
-from kvtier.config import ConfigError, load_config
-from kvtier.storage_backends.redis_backend import RedisBackend, mask_url
+from kvtier.connector.config import ConfigError, load_config
+from kvtier.storage_backends.redis_backend import RedisBackend
 from kvtier.storage_backends.redis_cluster import RedisClusterBackend, parse_cluster_url
+from kvtier.storage_backends.redis_common import mask_url
 
 # Every password is "Sec1" + separator + "Ret2": neither half may appear in any output.
 SEPARATORS = ["/", "#", "?", "@", ":", "%2F", "/?#@:", "&password=", " "]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvtier.config import CpuTier, KVTierConfig
+from kvtier.connector.config import CpuTier, KVTierConfig
+from kvtier.connector.store_factory import build_store
 from kvtier.storage_backends.cpu_backend import CpuBackend
-from kvtier.storage_backends.factory import build_store
 
 
 def _rss_mib() -> float:

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from redis_server import REDIS_SERVER, RedisServer, free_port, make_tls_files, redis_supports_tls
 
-from kvtier.connector.codec import ChunkCorrupt, decode_chunk, encode_chunk
-from kvtier.storage_backends.redis_backend import RedisBackend, mask_url, summarize_redis
+from kvtier.chunk_format.codec import ChunkCorrupt, decode_chunk, encode_chunk
+from kvtier.storage_backends.redis_backend import RedisBackend, summarize_redis
+from kvtier.storage_backends.redis_common import mask_url
 
 LOGGER = "kvtier.storage_backends.redis_backend"
 

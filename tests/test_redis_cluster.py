@@ -16,9 +16,9 @@ from redis.cluster import key_slot
 from redis_cluster import RedisCluster, make_cluster_tls_files
 from redis_server import REDIS_SERVER, redis_supports_tls
 
-from kvtier.config import load_config
-from kvtier.connector.codec import decode_chunk, encode_chunk
-from kvtier.storage_backends.factory import build_store
+from kvtier.chunk_format.codec import decode_chunk, encode_chunk
+from kvtier.connector.config import load_config
+from kvtier.connector.store_factory import build_store
 from kvtier.storage_backends.redis_backend import summarize_redis
 from kvtier.storage_backends.redis_cluster import RedisClusterBackend, parse_cluster_url
 

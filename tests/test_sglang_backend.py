@@ -19,8 +19,8 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 from sglang.srt.mem_cache.utils import get_hash_str
 
-from kvtier.config import ConfigError, load_config
 from kvtier.connector.chunk_store import ChunkStore
+from kvtier.connector.config import ConfigError, load_config
 from kvtier.connector.planner import TransferSpec, chunk_slots
 from kvtier.connector.sglang import KVTierHiCacheStorage
 from kvtier.connector.store_registry import STORES
@@ -359,7 +359,7 @@ def test_sglang_settings_that_change_the_kv_enter_the_namespace(backends, config
     from sglang.srt import runtime_context
     from sglang.srt.server_args import ServerArgs
 
-    from kvtier.connector.keys import ModelSettings
+    from kvtier.chunk_format.keys import ModelSettings
     from kvtier.connector.sglang import _model_settings
 
     scales = tmp_path / "kv_scales.json"

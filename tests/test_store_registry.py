@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.config import load_config
 from kvtier.connector import store_registry
+from kvtier.connector.config import load_config
 from kvtier.connector.store_registry import StoreRegistry
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.config import load_config
-from kvtier.connector.codec import encode_chunk
+from kvtier.chunk_format.codec import encode_chunk
+from kvtier.connector.config import load_config
+from kvtier.connector.store_factory import build_store
 from kvtier.storage_backends.base import Buffer, StorageBackend
 from kvtier.storage_backends.cpu_backend import CpuBackend
 from kvtier.storage_backends.disk_backend import DiskBackend
-from kvtier.storage_backends.factory import build_store
 from kvtier.storage_backends.metrics import TierMetrics
 from kvtier.storage_backends.redis_backend import RedisBackend
 from kvtier.storage_backends.tiered import TieredStore
@@ -178,7 +178,7 @@ def test_metrics_are_served_over_http(tmp_path: Path) -> None:
     import socket
     import urllib.request
 
-    from kvtier.storage_backends.factory import serve_metrics
+    from kvtier.connector.store_factory import serve_metrics
     from kvtier.storage_backends.metrics import MetricSet
 
     metric_set = MetricSet()

@@ -13,8 +13,8 @@ from vllm.lora.request import LoRARequest
 from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
 from vllm.v1.request import Request
 
-from kvtier.config import load_config
-from kvtier.connector.keys import token_chain
+from kvtier.chunk_format.keys import token_chain
+from kvtier.connector.config import load_config
 from kvtier.connector.vllm_inputs import request_chain
 from kvtier.connector.vllm_inputs import request_salt as _request_salt
 from kvtier.connector.vllm_layout import CacheShape, EngineLayout, all_shards, model_settings

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from vllm_harness import kvtier_transfer_config, run_engine
 
-from kvtier.connector.codec import decode_header, encode_chunk
+from kvtier.chunk_format.codec import decode_header, encode_chunk
 from kvtier.tiny_model import prompt_text
 
 P300, P700 = prompt_text(300, seed=1), prompt_text(700, seed=2)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from vllm_harness import kvtier_transfer_config, run_engine
 
-from kvtier.connector.codec import decode_header
+from kvtier.chunk_format.codec import decode_header
 from kvtier.tiny_model import prompt_text
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ Decoding trusts nothing: every field is type- and range-checked and every size i
 anything is allocated, so a corrupt, truncated or hostile blob becomes a :class:`ChunkCorrupt`
 (which the stores count and turn into a miss). No pickle, no ``torch.load``.
 
-With an integrity key (``connector/integrity.py``) the header also carries ``mac``, a keyed MAC of
+With an integrity key (``integrity.py`` here) the header also carries ``mac``, a keyed MAC of
 the payload and of the fields ``_mac_fields`` lists; a reader with a key rejects a chunk whose MAC
 is missing or wrong, a reader without one ignores it. A new header field that decides how the
 payload is used must be added to ``_mac_fields``.
@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import msgpack
 import xxhash
 
+from .dtypes import DTYPE_SIZES
+from .integrity import MAC_BYTES
 from .keys import FORMAT_VERSION
 
 if TYPE_CHECKING:
@@ -30,24 +32,11 @@ MAGIC = b"KVT\x01"
 _PREFIX = struct.Struct("<4sIQ")  # magic, header length, xxh3-64 of the header bytes
 PREFIX_BYTES = _PREFIX.size
 MAX_HEADER_BYTES = 64 * 1024
+MAX_HEAD_BYTES = PREFIX_BYTES + MAX_HEADER_BYTES  # read this much of a blob to see any header
 MAX_PAYLOAD_BYTES = 4 * 1024**3
 MAX_DIMS = 8
 PAYLOAD_ALIGN = 64
-MAC_BYTES = 32  # connector/integrity.py
 _HEX = frozenset("0123456789abcdef")
-
-# dtype name -> item size. fp8 and bf16 are moved as bytes; the name only has to round-trip.
-DTYPE_SIZES: dict[str, int] = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-    "float8_e4m3fnuz": 1,
-    "float8_e5m2fnuz": 1,
-    "uint8": 1,
-    "int8": 1,
-}
 
 
 class ChunkCorrupt(ValueError):
@@ -67,7 +56,7 @@ class ChunkHeader:
     checksum: int
     version: int = FORMAT_VERSION
     shard: str = ""  # which part of the model's KV: tensor/pipeline rank and layers (KeyNamespace.shard_id)
-    mac: bytes = b""  # keyed MAC (see connector/integrity.py); empty when written without an integrity key
+    mac: bytes = b""  # keyed MAC (see integrity.py); empty when written without an integrity key
 
     @property
     def nbytes(self) -> int:
@@ -122,6 +111,18 @@ def encode_header(
     header = msgpack.packb(values, use_bin_type=True)
     prefix = _PREFIX.pack(MAGIC, len(header), xxhash.xxh3_64_intdigest(header))
     return prefix + header + bytes(payload_offset(len(header)) - PREFIX_BYTES - len(header))
+
+
+def header_end(head: memoryview | bytes) -> int:
+    """Bytes up to the end of the header that a blob starting with ``head`` declares (0: not a chunk).
+
+    For stores that read a header with a range read (Redis ``GETRANGE``) before the whole blob; the
+    header itself is validated by :func:`decode_header`, which this does not replace."""
+    view = memoryview(head).cast("B")
+    if view.nbytes < PREFIX_BYTES or bytes(view[:4]) != MAGIC:
+        return 0
+    _magic, header_len, _sum = _PREFIX.unpack_from(view, 0)
+    return PREFIX_BYTES + min(header_len, MAX_HEADER_BYTES)
 
 
 def payload_offset(header_len: int) -> int:

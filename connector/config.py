@@ -9,130 +9,89 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from kvtier.urls import check_redis_url, mask_url
+from kvtier.storage_backends.builtin_tiers import CpuTier, DiskTier, RedisTier
+from kvtier.storage_backends.redis_common import mask_url
+from kvtier.storage_backends.registry import (
+    ByteSize,
+    TierPluginError,
+    TierSettings,
+    TierType,
+    UnknownTierType,
+    parse_byte_size,
+    tier_names,
+    tier_type,
+)
+
+# The built-in tiers' settings and the size parser live with the tiers (storage_backends); they are
+# re-exported here, where they have always been imported from.
+__all__ = ["ByteSize", "ConfigError", "CpuTier", "DiskTier", "GpuConfig", "KVTierConfig", "MetricsConfig",
+           "RedisTier", "TierConfig", "TierSettings", "default_config_text", "load_config", "parse_byte_size"]
 
 ENV_PREFIX = "KVTIER_"
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
 class ConfigError(ValueError):
     """An invalid kvtier configuration; the message names the key, the value and what is allowed."""
 
 
-def parse_byte_size(value: Any) -> int:
-    """``4GiB``, ``512MB``, ``1.5g`` or a plain integer -> bytes."""
-    if isinstance(value, bool):
-        raise ValueError("must be a byte size like 4GiB, 512MB or an integer")
-    if isinstance(value, int):
-        return value
-    match = _SIZE_RE.match(str(value))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError("must be a byte size like 4GiB, 512MB or an integer")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-ByteSize = Annotated[int, Field(gt=0)]
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class CpuTier(_Strict):
-    """Host memory: a pool of fixed-size slots, LRU within ``max_bytes``."""
+def _tier_settings(value: Any) -> Any:
+    """One ``tiers`` item, validated by the settings model that its ``type`` names in the tier registry.
 
-    type: Literal["cpu"]
-    name: str = "cpu"
-    max_bytes: ByteSize = 2 * 2**30
-    slot_bytes: ByteSize = 2**20
-    pinned: Literal["auto", "always", "never"] = "auto"  # page-locked pool; auto: when CUDA is present
-
-    _sizes = field_validator("max_bytes", "slot_bytes", mode="before")(lambda v: parse_byte_size(v))
-
-    @model_validator(mode="after")
-    def _slots_fit(self) -> CpuTier:
-        if self.slot_bytes > self.max_bytes:
-            raise ValueError(f"slot_bytes ({self.slot_bytes}) must not exceed max_bytes ({self.max_bytes})")
-        return self
-
-
-class DiskTier(_Strict):
-    """Local disk: one file per chunk under ``path``, LRU within ``max_bytes``, survives restarts."""
-
-    type: Literal["disk"]
-    name: str = "disk"
-    path: str = Field(min_length=1)
-    max_bytes: ByteSize = 10 * 2**30
-    # Longest wait for the folder's lock (held by another process sharing it): a put or delete that does
-    # not get it in time is skipped and counted, a start-up goes on without it. Finite, so nothing hangs.
-    lock_timeout_s: float = Field(default=2.0, gt=0, le=600)
-
-    _sizes = field_validator("max_bytes", mode="before")(lambda v: parse_byte_size(v))
-
-    @field_validator("path")
-    @classmethod
-    def _expand(cls, v: str) -> str:
-        return os.path.expanduser(os.path.expandvars(v))
+    Dispatching here (not through a closed union) is what lets plug-in tiers add types; the errors
+    name the item, the type and the registered types, as a discriminated union's would.
+    """
+    if isinstance(value, TierSettings):
+        kind = _registered(value.type, value)
+        if not isinstance(value, kind.settings):
+            raise PydanticCustomError("tier_settings_mismatch", "a {cls} is not the settings of tier type {type} ({expected})",
+                                      {"cls": type(value).__name__, "type": repr(value.type),
+                                       "expected": kind.settings.__name__})
+        return value
+    if not isinstance(value, Mapping):
+        raise PydanticCustomError("tier_not_mapping", "must be a mapping with a 'type' (one of {allowed})",
+                                  {"allowed": ", ".join(tier_names())})
+    if "type" not in value:
+        raise PydanticCustomError("tier_type_missing", "needs a 'type' (one of {allowed})",
+                                  {"allowed": ", ".join(tier_names())})
+    return _registered(value["type"], value).settings.model_validate(dict(value))
 
 
-class RedisTier(_Strict):
-    """A Redis server, or a Redis Cluster with ``redis+cluster://host:port[,host:port...]``: one key per
-    chunk, optional TTL; ``rediss://`` / ``rediss+cluster://`` for TLS, AUTH in the URL."""
-
-    type: Literal["redis"]
-    name: str = "redis"
-    url: str
-    key_prefix: str = "kvtier:"
-    ttl_seconds: int | None = Field(default=None, gt=0)
-    connect_timeout_s: float = Field(default=1.0, gt=0, le=60)
-    op_timeout_s: float = Field(default=2.0, gt=0, le=600)
-    retry_interval_s: float = Field(default=1.0, ge=0, le=3600)
-    max_connections: int = Field(default=16, ge=1, le=1024)
-
-    @field_validator("url")
-    @classmethod
-    def _scheme(cls, v: str) -> str:
-        """The message never quotes the URL (the error shows it masked, see ``_format_error``)."""
-        if not re.match(r"^rediss?(\+cluster)?://", v):
-            raise ValueError("must match rediss?:// (one server) or rediss?+cluster://host:port[,host:port...] "
-                             "(Redis Cluster)")
-        if "+cluster://" not in v:
-            check_redis_url(v)  # a URL redis-py would misread (raw / ? # in a password) is refused here
-        return v
-
-    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
-        """``repr`` and ``str`` show the URL masked: configs end up in logs and tracebacks."""
-        for name, value in super().__repr_args__():
-            yield name, mask_url(value) if name == "url" and isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _cluster_url(self) -> RedisTier:
-        """Checked here, not on the field, so that the message shows the URL with its password masked."""
-        if "+cluster://" not in self.url:
-            return self
-        from kvtier.storage_backends.redis_cluster import parse_cluster_url
-
-        try:
-            parse_cluster_url(self.url)
-        except ValueError as exc:
-            raise ValueError(f"url: {exc}") from None
-        if "{" in self.key_prefix or "}" in self.key_prefix:
-            raise ValueError(f"key_prefix {self.key_prefix!r} must not contain braces with Redis Cluster "
-                             "(a hash tag would put every chunk into one slot)")
-        return self
+def _registered(kind: Any, value: Any) -> TierType:
+    """The tier type ``kind``; an unknown or broken one is a validation error of its item."""
+    try:
+        return tier_type(kind)
+    except UnknownTierType as exc:
+        raise PydanticCustomError("tier_type_unknown", "type {shown} must be one of {allowed}",
+                                  {"shown": repr(kind), "allowed": ", ".join(exc.known)}) from None
+    except TierPluginError as exc:
+        raise PydanticCustomError("tier_type_broken", "{error}", {"shown": repr(kind), "error": str(exc)}) from None
 
 
-TierConfig = Annotated[CpuTier | DiskTier | RedisTier, Field(discriminator="type")]
+# One ``tiers`` item: any registered tier's settings. Serialized as its own model (not as the base), so
+# that ``model_dump_json`` (which keys the shared stores) holds every setting.
+TierConfig = Annotated[SerializeAsAny[TierSettings], BeforeValidator(_tier_settings)]
 
 
 class GpuConfig(_Strict):
@@ -153,7 +112,7 @@ class KVTierConfig(_Strict):
     """The whole configuration. ``tiers`` are searched in order; stores go to all of them."""
 
     chunk_size: int = Field(default=256, ge=1, le=1 << 20)
-    tiers: list[TierConfig] = Field(min_length=1)
+    tiers: list[TierConfig] = Field(min_length=1)  # each validated by its registered type
     write_policy: Literal["write_through", "top_only"] = "write_through"
     load_mode: Literal["sync", "async"] = "sync"  # async: the engine parks a request while its KV loads
     namespace: str = ""  # tenant / cache salt: separates caches that share a store
@@ -169,7 +128,7 @@ class KVTierConfig(_Strict):
     lookup_budget_s: float = Field(default=0.1, gt=0, le=60)
     metrics: MetricsConfig = MetricsConfig()
     gpu: GpuConfig = GpuConfig()
-    # A shared secret that turns each chunk's checksum into a keyed MAC (connector/integrity.py), so that
+    # A shared secret that turns each chunk's checksum into a keyed MAC (chunk_format/integrity.py), so that
     # whoever can write a shared store cannot inject KV. Named here, read when the store is built: a file
     # (0600, at least 16 bytes) or an environment variable. The secret itself never enters the config.
     integrity_key_file: str | None = Field(default=None, min_length=1)
@@ -205,16 +164,17 @@ class KVTierConfig(_Strict):
 
 def default_config_text() -> str:
     """The embedded default: a cpu tier over a disk tier in the user's cache folder."""
-    return resources.files("kvtier").joinpath("default.yaml").read_text()
+    return resources.files("kvtier.connector").joinpath("default.yaml").read_text()
 
 
-_TIER_MODELS = {"cpu": CpuTier, "disk": DiskTier, "redis": RedisTier}
-
-
-def _model_at(loc: tuple) -> type[BaseModel]:
-    """The config model that owns the last key of ``loc`` (for listing the allowed keys)."""
-    if loc[:1] == ("tiers",) and len(loc) >= 3 and loc[2] in _TIER_MODELS:
-        return _TIER_MODELS[loc[2]]
+def _model_at(loc: tuple, data: Any) -> type[BaseModel]:
+    """The config model that owns the last key of ``loc`` (for listing the allowed keys): a tier's is
+    the settings model of the ``type`` in ``data`` (the input), since tiers are not a closed union."""
+    if loc[:1] == ("tiers",) and len(loc) >= 3:
+        try:
+            return tier_type(data["tiers"][loc[1]]["type"]).settings
+        except (LookupError, TypeError, TierPluginError):
+            return TierSettings
     if loc[:1] == ("metrics",):
         return MetricsConfig
     if loc[:1] == ("gpu",):
@@ -235,22 +195,29 @@ def _shown_input(loc: tuple, value: Any) -> str:
     return repr(value)
 
 
-def _format_error(err: ValidationError) -> str:
+def _tier_kind(item: Any) -> Any:
+    """The ``type`` of a rejected ``tiers`` item (a mapping, or settings built in code)."""
+    return item.get("type") if isinstance(item, Mapping) else getattr(item, "type", None)
+
+
+def _format_error(err: ValidationError, data: Any = None) -> str:
+    """One line per error: the key path, the value (masked) and what is allowed; ``data`` is the
+    validated input, which says what type each tier is (for the keys a tier allows)."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
-        shown = [p for i, p in enumerate(loc) if not (loc[0] == "tiers" and i == 2)]  # drop union tag
-        where = re.sub(r"\.(\d+)", r"[\1]", ".".join(str(p) for p in shown)) or "(top level)"
+        where = re.sub(r"\.(\d+)", r"[\1]", ".".join(str(p) for p in loc)) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            allowed = ", ".join(_model_at(loc).model_fields)
+            allowed = ", ".join(_model_at(loc, data).model_fields)
             lines.append(f"{where}: unknown key (allowed: {allowed})")
         elif e["type"] == "missing":
             lines.append(f"{where}: required key missing")
-        elif e["type"] == "union_tag_invalid":
-            lines.append(f"{where}.type = {e['input'].get('type')!r}: must be one of cpu, disk, redis")
-        elif e["type"] == "union_tag_not_found":
-            lines.append(f"{where}: needs a 'type' (one of cpu, disk, redis)")
+        elif e["type"] == "tier_type_unknown":
+            shown = _shown_input(("type",), _tier_kind(e["input"]))
+            lines.append(f"{where}.type = {shown}: must be one of {e['ctx']['allowed']}")
+        elif e["type"] == "tier_type_broken":
+            lines.append(f"{where}.type = {_shown_input(('type',), _tier_kind(e['input']))}: {msg}")
         elif isinstance(e.get("input"), dict):
             lines.append(f"{where}: {msg}")
         else:
@@ -321,6 +288,6 @@ def load_config(
             _set_path(data, dotted, value)
         return KVTierConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc) + hint) from None
+        raise ConfigError(_format_error(exc, data) + hint) from None
     except ConfigError as exc:
         raise ConfigError(str(exc) + hint) from None
