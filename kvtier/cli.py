@@ -1,8 +1,9 @@
-"""The ``kvtier`` command: check a config, inspect what a store holds, run the demo."""
+"""The ``kvtier`` command: check a config, inspect what a store holds, run the node server or the demo."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -85,6 +86,68 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     return run_engine_demo(console, config_path=args.config)
 
 
+def _size_option(option: str, value: str) -> int:
+    from kvtier.storage_backends.tier_spec import parse_byte_size
+
+    try:
+        size = parse_byte_size(value)
+    except ValueError:
+        raise ValueError(f"{option} {value!r}: must be a byte size like 4GiB, 512MB or an integer") from None
+    if size <= 0:
+        raise ValueError(f"{option} {value!r}: must be positive")
+    return size
+
+
+def _server(args: argparse.Namespace, console: Console) -> int:
+    """The node server in the foreground; one ready line on stdout, logs on stderr."""
+    import logging
+
+    from kvtier.storage_backends.node_server import ServerOptions, run_server
+
+    try:
+        lease_timeout_s = float(args.lease_timeout_s)
+    except ValueError:
+        raise ValueError(f"--lease-timeout-s {args.lease_timeout_s!r}: must be a number of seconds") from None
+    options = ServerOptions(
+        socket_path=os.path.expanduser(os.path.expandvars(args.socket)),
+        max_bytes=_size_option("--max-bytes", args.max_bytes),
+        slot_bytes=_size_option("--slot-bytes", args.slot_bytes),
+        lease_timeout_s=lease_timeout_s,
+    )
+    options.check()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def ready(line: str) -> None:
+        print(line, flush=True)
+
+    run_server(options, on_ready=ready)
+    return 0
+
+
+def _add_server_parser(sub: argparse._SubParsersAction) -> None:
+    from kvtier.storage_backends.node_protocol import default_socket_path
+
+    server = sub.add_parser(
+        "server", help="one host-memory cache per node, shared by every engine process on it (the 'node' tier)",
+        description="Run the node cache server in the foreground until SIGTERM or SIGINT. It keeps chunks in "
+                    "shared memory under /dev/shm (allocated at start, freed at exit) and answers the 'node' "
+                    "tier of every engine process of this user on this machine.")
+    server.add_argument("--socket", default=default_socket_path(), metavar="PATH",
+                        help="Unix socket to listen on (folder made 0700, socket 0600); refused while another "
+                             "server answers there (default: %(default)s, i.e. $XDG_RUNTIME_DIR/kvtier/node.sock "
+                             "or ~/.cache/kvtier/run/node.sock)")
+    server.add_argument("--max-bytes", default="4GiB", metavar="SIZE",
+                        help="shared memory to hold chunks in, allocated at start; LRU eviction within it "
+                             "(4GiB, 512MB, ...; default %(default)s)")
+    server.add_argument("--slot-bytes", default="1MiB", metavar="SIZE",
+                        help="slot size: a chunk takes ceil(size / slot) slots (default %(default)s)")
+    server.add_argument("--lease-timeout-s", default="30", metavar="S",
+                        help="longest time a client may hold slots it reads or reserved before they are "
+                             "reclaimed (default %(default)s)")
+    server.set_defaults(func=_server)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvtier", description="kvtier: tiered KV-cache storage for LLM engines")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--config", help="inspect the persistent tiers (disk, redis, plug-ins) of this config, each "
                                           "with its own settings (default: $KVTIER_CONFIG or built-in)")
     inspect.set_defaults(func=_inspect)
+    _add_server_parser(sub)
     demo = sub.add_parser("demo", help="a vLLM engine on CPU: the cache hit and the TTFT it saves")
     demo.add_argument("--config", help="YAML config (default: $KVTIER_CONFIG or the built-in cpu + disk tiers)")
     demo.add_argument("--tiers-only", action="store_true", help="no engine: store a synthetic KV cache and load it back")

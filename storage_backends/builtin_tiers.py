@@ -1,4 +1,5 @@
-"""The built-in tier types: cpu (host memory), disk (files) and redis (one server or a Redis Cluster).
+"""The built-in tier types: cpu (host memory), disk (files), redis (one server or a Redis Cluster) and
+node (the host memory of ``kvtier server``, shared by every process on the node).
 
 Each is a settings model (the YAML keys, their defaults and checks) and a :class:`TierType` that
 opens it; :mod:`.registry` registers :data:`BUILTIN_TIERS` before anything else, in this order,
@@ -16,6 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from .base import StorageBackend
+from .node_protocol import default_socket_path
 from .redis_common import check_redis_url, mask_url
 from .summary import StoreSummary
 from .tier_spec import ByteSize, TierContext, TierSettings, TierType, parse_byte_size
@@ -105,6 +107,22 @@ class RedisTier(TierSettings):
         return self
 
 
+class NodeTier(TierSettings):
+    """The node server's host memory (``kvtier server``): one cache for every engine process on the node."""
+
+    type: Literal["node"]
+    name: str = "node"
+    socket: str = Field(default_factory=default_socket_path, min_length=1)
+    connect_timeout_s: float = Field(default=0.5, gt=0, le=60)
+    op_timeout_s: float = Field(default=1.0, gt=0, le=600)
+    retry_interval_s: float = Field(default=1.0, ge=0, le=3600)
+
+    @field_validator("socket")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return os.path.expanduser(os.path.expandvars(v))
+
+
 def _gib(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB"
 
@@ -148,6 +166,15 @@ def _build_redis(cfg: RedisTier, ctx: TierContext) -> StorageBackend:
     )
 
 
+def _build_node(cfg: NodeTier, ctx: TierContext) -> StorageBackend:
+    """With CUDA present the client page-locks its mapping of the server's memory (best effort)."""
+    from .node_backend import NodeBackend
+
+    return NodeBackend(cfg.socket, name=cfg.name, metrics=ctx.metrics, connect_timeout_s=cfg.connect_timeout_s,
+                       op_timeout_s=cfg.op_timeout_s, retry_interval_s=cfg.retry_interval_s,
+                       pin=ctx.pinned_available())
+
+
 def _summarize_redis(cfg: RedisTier) -> StoreSummary:
     from .redis_backend import summarize_redis
 
@@ -161,4 +188,7 @@ DISK = TierType("disk", DiskTier, _build_disk, describe=lambda cfg: (cfg.path, _
 REDIS = TierType("redis", RedisTier, _build_redis, describe=lambda cfg: (mask_url(cfg.url), f"ttl {cfg.ttl_seconds or 'none'}"),
                  summarize=_summarize_redis)
 
-BUILTIN_TIERS: tuple[TierType, ...] = (CPU, DISK, REDIS)
+# Not process-local: every process on the node sees the chunks, so a TP >= 2 scheduler looks them up.
+NODE = TierType("node", NodeTier, _build_node, describe=lambda cfg: (cfg.socket, "server-managed"))
+
+BUILTIN_TIERS: tuple[TierType, ...] = (CPU, DISK, REDIS, NODE)

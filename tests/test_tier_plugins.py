@@ -57,8 +57,8 @@ class _Extra(TierSettings):
 
 
 def test_builtin_types_come_first_in_order() -> None:
-    assert tier_names()[:3] == ["cpu", "disk", "redis"]
-    assert tier_type("cpu") is CPU and [t.name for t in BUILTIN_TIERS] == ["cpu", "disk", "redis"]
+    assert tier_names()[:4] == ["cpu", "disk", "redis", "node"]
+    assert tier_type("cpu") is CPU and [t.name for t in BUILTIN_TIERS] == ["cpu", "disk", "redis", "node"]
     assert is_process_local(CpuTier(type="cpu")) and not is_process_local(DiskTier(type="disk", path="/x"))
 
 
@@ -75,9 +75,9 @@ def test_a_duplicate_name_is_refused() -> None:
 
 def test_an_unknown_name_lists_the_known_ones() -> None:
     reg = _registry(("memo", "kvtier_memo_tier:TIER"))
-    with pytest.raises(UnknownTierType, match=r"unknown tier type 'nvme' \(known: cpu, disk, redis, memo\)") as info:
+    with pytest.raises(UnknownTierType, match=r"unknown tier type 'nvme' \(known: cpu, disk, redis, node, memo\)") as info:
         reg.get("nvme")
-    assert info.value.known == ["cpu", "disk", "redis", "memo"]  # memo listed without importing it
+    assert info.value.known == ["cpu", "disk", "redis", "node", "memo"]  # memo listed without importing it
 
 
 def test_a_broken_entry_point_names_itself_and_breaks_nothing_else(caplog: pytest.LogCaptureFixture) -> None:
@@ -96,7 +96,7 @@ def test_a_broken_entry_point_names_itself_and_breaks_nothing_else(caplog: pytes
         reg.get("broken")  # the same error again, without importing again
     assert reg.get("disk").name == "disk"
     with caplog.at_level(logging.WARNING, logger="kvtier.storage_backends.registry"):
-        assert [t.name for t in reg.all()] == ["cpu", "disk", "redis"]
+        assert [t.name for t in reg.all()] == ["cpu", "disk", "redis", "node"]
     assert "kvtier_no_such_module" in caplog.text
 
 
@@ -115,7 +115,7 @@ def test_a_broken_plugin_is_a_config_error_on_its_item(monkeypatch: pytest.Monke
     assert str(info.value).startswith("invalid kvtier config: tiers[1].type = 'broken': tier type 'broken': entry point")
     assert "ModuleNotFoundError" in str(info.value)
     path.write_text("tiers: [{type: cpu}, {type: nvme}]\n")
-    with pytest.raises(ConfigError, match=r"tiers\[1\].type = 'nvme': must be one of cpu, disk, redis, broken"):
+    with pytest.raises(ConfigError, match=r"tiers\[1\].type = 'nvme': must be one of cpu, disk, redis, node, broken"):
         load_config(path, environ={})
 
 
@@ -219,5 +219,5 @@ def test_a_plugin_tier_is_configured_built_and_used(plugin_path: Path, tmp_path:
     assert out["flushed"] and out["backends"] == ["MemoBackend", "DiskBackend"] and out["held"] == [1, 1]
     assert out["payload"] == bytes(range(16)).hex() and out["memo_hits"] == 1
     assert out["shared"] == ["disk"]  # a process-local plug-in tier is left out like the cpu tier
-    assert out["bad_type"] == "invalid kvtier config: tiers[1].type = 'nvme': must be one of cpu, disk, redis, memo"
+    assert out["bad_type"] == "invalid kvtier config: tiers[1].type = 'nvme': must be one of cpu, disk, redis, node, memo"
     assert out["bad_key"] == "invalid kvtier config: tiers[0].max_chunk: unknown key (allowed: type, name, max_chunks)"
