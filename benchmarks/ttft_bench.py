@@ -105,7 +105,8 @@ def child(job: dict[str, Any]) -> None:
               kv_cache_memory_bytes=1 << 30, enable_prefix_caching=job["prefix_caching"], **extra)
     params = SamplingParams(max_tokens=1, temperature=0)
     llm.generate([job["warmup"]], params, use_tqdm=False)
-    servers = server_stats(job["redis_port"])
+    # The CPU of the servers a load uses (redis-server, a kvtier node server) is part of it, not noise.
+    servers = server_stats(job["redis_port"]) + [Path(f"/proc/{pid}/stat") for pid in job.get("server_pids", ())]
     results = []
     for prompt in job["prompts"]:
         runs = []
@@ -153,15 +154,21 @@ def _disturbance(runs: list[list[Timed]]) -> float:
 
 # -- parent: configurations -----------------------------------------------------------------------
 
+def one_tier_config(folder: Path, name: str, tier_yaml: str) -> dict[str, Any]:
+    """A kv_transfer_config for kvtier with the one tier ``tier_yaml`` (a YAML flow mapping), its
+    config file written into ``folder`` as ``kvtier-<name>.yaml``."""
+    path = folder / f"kvtier-{name}.yaml"
+    path.write_text(f"chunk_size: {CHUNK}\ntiers:\n  - {tier_yaml}\n")
+    return {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.connector.vllm",
+            "kv_role": "kv_both", "kv_connector_extra_config": {"config": str(path)}}
+
+
 def kvtier_config(folder: Path, tier: str, redis_url: str) -> dict[str, Any]:
     """A kv_transfer_config for kvtier with one tier, its YAML written into ``folder``."""
     tiers = {"cpu": "{type: cpu, max_bytes: 2GiB}",
              "disk": f"{{type: disk, path: '{folder / 'disk'}', max_bytes: 4GiB}}",
              "redis": f"{{type: redis, url: '{redis_url}'}}"}
-    path = folder / f"kvtier-{tier}.yaml"
-    path.write_text(f"chunk_size: {CHUNK}\ntiers:\n  - {tiers[tier]}\n")
-    return {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.connector.vllm",
-            "kv_role": "kv_both", "kv_connector_extra_config": {"config": str(path)}}
+    return one_tier_config(folder, tier, tiers[tier])
 
 
 def measure(model: Path, token_counts: list[int], folder: Path, redis_url: str) -> dict[str, list[Timed]]:
