@@ -21,7 +21,6 @@ from vllm.v1.kv_cache_interface import AttentionSpec, MLAAttentionSpec
 
 from kvtier.chunk_format.dtypes import dtype_name
 from kvtier.chunk_format.keys import KeyNamespace, ModelSettings
-from kvtier.connector.config import KVTierConfig
 from kvtier.connector.engine_setup import CacheFormat, EngineSetup, Shard
 
 if TYPE_CHECKING:
@@ -139,20 +138,18 @@ class EngineLayout:
         return self.dp_local_rank * per_engine + own
 
 
-def namespace(vllm_config: VllmConfig, config: KVTierConfig, shape: CacheShape, layout: EngineLayout,
-              settings: ModelSettings, tp_rank: int, pp_rank: int, layers: range) -> KeyNamespace:
+def namespace(setup: EngineSetup, shape: CacheShape, layout: EngineLayout, tp_rank: int, pp_rank: int,
+              layers: range) -> KeyNamespace:
     """The key namespace of one shard (MLA: one namespace for all TP ranks, as on the SGLang side)."""
-    setup = EngineSetup.of(config, vllm_config.model_config.model, settings)
     cache = CacheFormat(kv_dtype="uint8" if shape.per_block else dtype_name(shape.dtype), layout=shape.format_id,
                         num_layers=len(layers), kv_heads=shape.kv_heads, head_dim=shape.head_size)
     shard = Shard(layout.tp_size, tp_rank, layout.pp_size, pp_rank, first_layer=layers.start)
     return setup.namespace(cache, shard)
 
 
-def all_shards(vllm_config: VllmConfig, config: KVTierConfig, shape: CacheShape, layout: EngineLayout,
-               settings: ModelSettings) -> list[KeyNamespace]:
+def all_shards(setup: EngineSetup, shape: CacheShape, layout: EngineLayout) -> list[KeyNamespace]:
     """Every shard's namespace: what the scheduler looks up."""
-    return [namespace(vllm_config, config, shape, layout, settings, tp, pp, layout.stage_layers(pp, shape))
+    return [namespace(setup, shape, layout, tp, pp, layout.stage_layers(pp, shape))
             for pp in range(layout.pp_size) for tp in range(layout.tp_size)]
 
 

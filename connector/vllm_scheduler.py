@@ -45,7 +45,7 @@ class KVTierScheduler:
                  active: bool) -> None:
         transfer = vllm_config.kv_transfer_config
         self._chunk_size = setup.config.chunk_size
-        self._shards = ShardSet(all_shards(vllm_config, setup.config, shape, layout, setup.settings))
+        self._shards = ShardSet(all_shards(setup, shape, layout))
         if transfer.kv_load_failure_policy != "recompute":
             log.info("kvtier: setting kv_load_failure_policy=recompute (a cache miss must not fail a request)")
             transfer.kv_load_failure_policy = "recompute"

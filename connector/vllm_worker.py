@@ -50,7 +50,7 @@ class KVTierWorker:
                  active: bool) -> None:
         tp_rank, pp_rank = worker_ranks()
         layers = worker_layers(shape, layout, pp_rank)
-        self._namespace = namespace(vllm_config, setup.config, shape, layout, setup.settings, tp_rank, pp_rank, layers)
+        self._namespace = namespace(setup, shape, layout, tp_rank, pp_rank, layers)
         self._config = setup.config
         self._shape = shape
         self._writer = writes_chunks(shape.mla, tp_rank)  # MLA: ranks hold the same latent KV

@@ -21,6 +21,7 @@ from sglang.srt.mem_cache.utils import get_hash_str
 
 from kvtier.connector.chunk_store import ChunkStore
 from kvtier.connector.config import ConfigError, load_config
+from kvtier.connector.engine_setup import EngineSetup
 from kvtier.connector.planner import TransferSpec, chunk_slots
 from kvtier.connector.sglang import KVTierHiCacheStorage
 from kvtier.connector.store_registry import STORES
@@ -271,7 +272,8 @@ def vllm_side():
                                 dtype=torch.bfloat16)
         vllm_config = SimpleNamespace(model_config=model, cache_config=SimpleNamespace(cache_dtype="auto"))
         layout = EngineLayout(tp_size=tp_size, pp_size=1, dp_local_rank=0, workers_apart=tp_size > 1, total_layers=L)
-        ns = namespace(vllm_config, config, shape, layout, model_settings(vllm_config), tp_rank, 0, range(L))
+        setup = EngineSetup.of(config, MODEL, model_settings(vllm_config))
+        ns = namespace(setup, shape, layout, tp_rank, 0, range(L))
         return ChunkStore(store, ns, make_copier("cpu"))
 
     yield build

@@ -15,6 +15,7 @@ from vllm.v1.request import Request
 
 from kvtier.chunk_format.keys import token_chain
 from kvtier.connector.config import load_config
+from kvtier.connector.engine_setup import EngineSetup
 from kvtier.connector.vllm_inputs import request_chain
 from kvtier.connector.vllm_inputs import request_salt as _request_salt
 from kvtier.connector.vllm_layout import CacheShape, EngineLayout, all_shards, model_settings
@@ -138,7 +139,8 @@ def _shape(layers: int = 2, mla: bool = False) -> CacheShape:
 
 def _digests(vllm_config, config, mla: bool = False) -> list[bytes]:
     layout = EngineLayout.of(vllm_config)
-    return [ns.digest() for ns in all_shards(vllm_config, config, _shape(mla=mla), layout, model_settings(vllm_config))]
+    setup = EngineSetup.of(config, vllm_config.model_config.model, model_settings(vllm_config))
+    return [ns.digest() for ns in all_shards(setup, _shape(mla=mla), layout)]
 
 
 def test_every_engine_setting_that_changes_the_kv_changes_the_keys(engine_config, tmp_path: Path) -> None:
@@ -160,7 +162,7 @@ def test_each_rank_and_stage_has_its_own_shard_and_mla_ranks_share_one(engine_co
     tp_pp = engine_config(tensor_parallel_size=2, pipeline_parallel_size=2)
     layout = EngineLayout.of(tp_pp)
     assert (layout.tp_size, layout.pp_size, layout.workers_apart) == (2, 2, True)
-    shards = all_shards(tp_pp, config, _shape(), layout, model_settings(tp_pp))
+    shards = all_shards(EngineSetup.of(config, tp_pp.model_config.model, model_settings(tp_pp)), _shape(), layout)
     assert [ns.shard_id for ns in shards] == ["tp0/2 pp0/2 layers0-0", "tp1/2 pp0/2 layers0-0",
                                               "tp0/2 pp1/2 layers1-1", "tp1/2 pp1/2 layers1-1"]
     assert len({ns.digest() for ns in shards}) == 4  # two stages with one layer each never share keys
