@@ -9,7 +9,8 @@ shows a password. What keeps those promises lives here, and neither tier imports
   failure cost a whole timeout: back off), ``CMD_WARN_INTERVAL_S``, and :class:`CircuitBreaker`,
   one per server (the cluster tier keeps one per master);
 - puts: :func:`check_options`, :func:`wire_value` and :func:`batches` (``PIPELINE_BYTES``);
-- clients: :func:`command_packer` (large values go out uncopied) and :func:`cluster_client`;
+- clients: :func:`command_packer` (large values go out uncopied), :func:`cluster_client` and its
+  :class:`ClusterNodePool`;
 - summaries: :func:`summarize_keys` reads headers and sizes for both; :func:`summarize_cluster` is
   here because ``summarize_redis`` answers cluster URLs too and must not import the cluster tier;
 - URLs: :func:`mask_url`, :func:`redact_text`, :func:`check_redis_url` and :func:`parse_cluster_url`.
@@ -289,6 +290,27 @@ def command_packer() -> PythonRespSerializer:
     return PythonRespSerializer(_INLINE_BYTES, Encoder("utf-8", "strict", False).encode)
 
 
+class ClusterNodePool(redis.BlockingConnectionPool):
+    """redis-py's blocking pool, except that a slot-map refresh marks its idle connections for
+    reconnect instead of closing them.
+
+    After reading ``CLUSTER SLOTS`` (and after a node error) redis-py closes every idle connection of
+    the node it asked. The blocking pool hands connections out without taking the lock that close
+    holds, so the refresh thread closed sockets that a caller had just taken: "Error 9 while writing
+    to socket", and a healthy master's keys missed for a retry interval. A marked connection is
+    reconnected by its own user when released. The close is there to clear ``READONLY``, which this
+    tier never sends (it reads from masters only)."""
+
+    def disconnect_free_connections(self, moving_address_src: str | None = None) -> None:
+        if moving_address_src is not None:  # a maintenance move (RESP3 push): redis-py's own handling
+            super().disconnect_free_connections(moving_address_src)
+            return
+        with self._lock:
+            idle = [conn for conn in self.pool.queue if conn is not None]
+        for conn in idle:
+            conn.mark_for_reconnect()
+
+
 def cluster_client(spec: ClusterUrl, connect_timeout_s: float, op_timeout_s: float,
                    max_connections: int) -> RedisCluster:
     """A cluster client with bounded waits and no hidden retries; reads the slot map now (may raise)."""
@@ -296,7 +318,7 @@ def cluster_client(spec: ClusterUrl, connect_timeout_s: float, op_timeout_s: flo
         url=spec.node_url(0), startup_nodes=[ClusterNode(host.strip("[]"), port) for host, port in spec.nodes[1:]],
         require_full_coverage=False,  # a master without slots' owner alive must not stop the others
         retry=Retry(NoBackoff(), 0),  # the breaker decides when to try again
-        connection_pool_class=functools.partial(redis.BlockingConnectionPool, command_packer=command_packer()),
+        connection_pool_class=functools.partial(ClusterNodePool, command_packer=command_packer()),
         socket_timeout=op_timeout_s, socket_connect_timeout=connect_timeout_s,
         max_connections=max_connections, timeout=op_timeout_s,  # timeout: wait for a pooled connection
     )

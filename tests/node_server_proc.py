@@ -17,6 +17,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from process_pause import pause_process, resume_process
+
 READY_PREFIX = "kvtier server: ready on "
 
 
@@ -84,6 +86,13 @@ class NodeServerProcess:
         """SIGKILL and wait, like a crash: the socket file and the segments stay behind."""
         self._terminate(signal.SIGKILL)
 
+    def pause(self) -> None:
+        """SIGSTOP, returning once every thread of the server is stopped."""
+        pause_process(self.pid)
+
+    def resume(self) -> None:
+        resume_process(self.pid)
+
     def restart(self, timeout_s: float = 20) -> NodeServerProcess:
         """Stop (SIGTERM) if running, then start again on the same socket: an empty cache."""
         self.stop()
@@ -131,3 +140,4 @@ class NodeServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+

@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import redis
+from process_pause import pause_process, resume_process
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -177,12 +178,12 @@ class RedisServer:
     def pause(self) -> None:
         """SIGSTOP: connections are still accepted (by the kernel) but no command is answered."""
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGSTOP)
+            pause_process(self.proc.pid)
 
     def resume(self) -> None:
         """SIGCONT after :meth:`pause`: the server answers what was sent meanwhile and goes on."""
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGCONT)
+            resume_process(self.proc.pid)
 
     def _kill(self) -> None:
         if self.proc is not None:

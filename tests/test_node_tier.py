@@ -7,7 +7,6 @@ import hashlib
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -237,7 +236,7 @@ def test_a_hung_server_costs_at_most_the_timeouts(folder: Path) -> None:
     node = NodeBackend(srv.socket_path, op_timeout_s=0.3, retry_interval_s=5)
     try:
         assert node.put([(_key(1), b"z" * 100)]) == 1
-        os.kill(srv.pid, signal.SIGSTOP)
+        srv.pause()
         start = time.monotonic()
         results = []
         threads = [threading.Thread(target=lambda: results.append(node.get([_key(1)]))) for _ in range(3)]
@@ -249,7 +248,7 @@ def test_a_hung_server_costs_at_most_the_timeouts(folder: Path) -> None:
         assert node.contains([_key(1)]) == 0  # while paused for retry_interval_s: at once
         assert time.monotonic() - start < 1.6
     finally:
-        os.kill(srv.pid, signal.SIGCONT)
+        srv.resume()
         node.close()
         srv.stop()
 

@@ -243,6 +243,27 @@ def test_master_killed_its_keys_miss_the_others_serve_then_it_recovers(caplog: p
         late.close()
 
 
+def test_a_slot_map_refresh_does_not_close_connections_in_use(redis_cluster: RedisCluster) -> None:
+    """redis-py closes a node's idle connections after reading the slot map, but its blocking pool
+    hands connections out without the lock that close takes: a caller's socket was closed under it
+    (EBADF, a healthy master's keys missed). Ours marks them for reconnect instead."""
+    backend = fast_backend(redis_cluster.url())
+    assert backend.put([chunk(1, tag="refresh")]) == 1
+    node = backend._client.get_primaries()[0]
+    pool = node.redis_connection.connection_pool
+    taken = pool.get_connection()
+    idle = pool.get_connection()
+    pool.release(idle)
+    pool.disconnect_free_connections()  # what NodesManager.initialize does after CLUSTER SLOTS
+    assert taken.is_connected and idle.is_connected  # nothing closed
+    assert idle.should_reconnect()
+    pool.release(taken)
+    backend._client.nodes_manager.initialize()  # a real refresh, then every call still serves
+    assert backend.get([key_of(1, "refresh")]) == [chunk(1, tag="refresh")[1]]
+    assert backend.stats()["errors"] == 0
+    backend.close()
+
+
 def test_failover_to_a_replica_recovers_by_itself(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     with RedisCluster(masters=3, replicas=1) as cluster:
