@@ -3,9 +3,17 @@
 Chunks live in the server's shared memory, so what one engine process stores every other one on
 the node finds: a tensor-parallel scheduler sees its workers' chunks (the cpu tier cannot do that)
 and a restarted engine finds the cache it left. The socket carries only small requests
-(``node_protocol``); the bytes are copied between the mapped segments (``node_mapping``) and the
-caller's buffers: ``get`` copies each chunk into a private buffer and then hands its read
-lease back, ``put`` reserves slots, copies, and commits them (only then do readers see the chunk).
+(``node_protocol``); the bytes move between the mapped segments (``node_mapping``) and the
+caller's buffers. ``put`` reserves slots, copies into them and commits them (only then do readers
+see the chunk); the commit is one-way, so a put costs one round trip. ``get`` is zero-copy when a
+chunk's slots are adjacent (the usual case): it returns a read-only numpy view of the segment under
+a *hold*, a read lease that never expires, so no writer can reuse those slots while the engine
+still loads from them. The hold is handed back once every view of its batch (and everything
+derived from them, as for the cpu tier) is gone: a finalizer queues it and the next request sends
+it along, one-way. Chunks in scattered slots are copied out and their lease returned at once.
+
+A connection that fails while its holds are alive is not closed but set aside, since closing it
+would make the server free the held slots under live views; it is closed when its last hold ends.
 
 Failure contract (``base``): the server not running, killed or restarted means misses and skipped
 stores, never an exception and never a hang. Every request is bounded by ``op_timeout_s`` (and a
@@ -23,9 +31,13 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from . import node_protocol as proto
 from .base import Buffer, StorageBackend
@@ -45,6 +57,27 @@ class _Skip(Exception):
 class _Session:
     sock: socket.socket
     segments: SegmentMap
+    holds: int = 0  # leases of zero-copy views not yet handed back (changed with the lock held)
+    parked: bool = False  # failed, but kept open until its holds end
+
+
+class _BatchHold:
+    """One get's hold: handed back when the last of its zero-copy views is gone."""
+
+    def __init__(self, session: _Session, lease: int, views: int, ended: Callable[[_Session, int], None]) -> None:
+        self._left = views
+        self._lock = threading.Lock()
+        self._session = session
+        self._lease = lease
+        self._ended = ended
+
+    def view_gone(self) -> None:
+        """A view's finalizer (any thread, any moment)."""
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._ended(self._session, self._lease)
 
 
 class NodeBackend(StorageBackend):
@@ -70,6 +103,8 @@ class NodeBackend(StorageBackend):
         self._down = False
         self._closed = False
         self._pid = os.getpid()
+        self._released: deque[tuple[_Session, int]] = deque()  # holds whose views are gone
+        self._parked: list[_Session] = []
         try:
             with self._locked():
                 self._connected()  # an early warning when the server is not running
@@ -125,6 +160,10 @@ class NodeBackend(StorageBackend):
         """Disconnect and unmap; later calls answer misses. Idempotent."""
         with self._lock:
             self._closed = True
+            try:
+                self._flush_releases()
+            except (OSError, TimeoutError, proto.ProtocolError):
+                pass  # closing anyway: the server frees what the connection held
             self._drop()
             if self._segments is not None:
                 self._segments.retire()
@@ -152,29 +191,45 @@ class NodeBackend(StorageBackend):
 
     def _get_batch(self, keys: list[str]) -> list[Buffer | None]:
         misses: list[Buffer | None] = [None] * len(keys)
-        asked = self._ask_with_map("get", {"op": proto.GET, "keys": keys})
+        asked = self._ask_with_map("get", {"op": proto.GET, "keys": keys, "hold": True})
         if asked is None:
             return misses
         reply, session = asked
         entries, lease = reply.get("entries"), reply.get("lease")
-        if not isinstance(entries, list) or len(entries) != len(keys):
-            self._protocol_failure("get", session, "a get answer of the wrong length")
-            return misses
+        if type(lease) is not int:
+            lease = None
         out: list[Buffer | None] = []
+        views: list[np.ndarray] = []
         try:
+            if not isinstance(entries, list) or len(entries) != len(keys):
+                raise proto.ProtocolError("a get answer of the wrong length")
             with session.segments.use() as segments:
                 for entry in entries:
                     if entry is None:
                         out.append(None)
-                    elif isinstance(entry, list) and len(entry) == 2 and type(entry[1]) is int:
-                        out.append(segments.read(entry[0], entry[1]))
-                    else:
+                        continue
+                    if not (isinstance(entry, list) and len(entry) == 2 and type(entry[1]) is int):
                         raise proto.ProtocolError("a get entry is not [slots, nbytes]")
+                    view = segments.view(entry[0], entry[1]) if lease is not None else None
+                    if view is None:
+                        out.append(segments.read(entry[0], entry[1]))
+                        continue
+                    array = np.frombuffer(view, dtype=np.uint8)  # read-only; derived views keep it alive
+                    views.append(array)
+                    out.append(array)
         except proto.ProtocolError as exc:
+            views.clear()
+            out.clear()
+            self._hand_back(session, lease)
             self._protocol_failure("get", session, str(exc))
             return misses
         if lease is not None:
-            self._tell(session, {"op": proto.RELEASE, "leases": [lease]})
+            if views:
+                hold = _BatchHold(session, lease, len(views), self._hold_ended)
+                for array in views:
+                    weakref.finalize(array, hold.view_gone)
+            else:
+                self._hand_back(session, lease)
         return out
 
     def _put_batch(self, items: list[tuple[str, memoryview]]) -> tuple[int, int]:
@@ -200,9 +255,10 @@ class NodeBackend(StorageBackend):
             return 0, 0
         if not written:
             return 0, 0
-        reply = self._ask("put", {"op": proto.COMMIT, "keys": written}, session=session)
-        committed = min(_int(reply, "committed") if reply is not None else 0, len(written))
-        return committed, nbytes * committed // len(written)  # short only if reservations expired meanwhile
+        if not self._tell(session, {"op": proto.COMMIT, "keys": written, "quiet": True}):
+            self.metrics.error("put")
+            return 0, 0
+        return len(written), nbytes  # the server commits all unless the reservations expired meanwhile
 
     # -- the connection --------------------------------------------------------------------------------------------
 
@@ -222,6 +278,7 @@ class NodeBackend(StorageBackend):
                     raise _Skip
                 deadline = time.monotonic() + self.op_timeout_s
                 try:
+                    self._flush_releases(deadline)
                     proto.send(current.sock, message, deadline)
                     reply = proto.recv(current.sock, deadline)
                     if reply is None:
@@ -231,23 +288,71 @@ class NodeBackend(StorageBackend):
                 except (OSError, TimeoutError, proto.ProtocolError) as exc:
                     self._fail(exc)
                     raise _Skip from None
+                if message.get("hold") and type(reply.get("lease")) is int:
+                    current.holds += 1  # from now on a failure parks this connection instead of closing it
                 return reply, current
         except _Skip:
             self.metrics.error(op)
             return None
 
-    def _tell(self, session: _Session, message: dict[str, Any]) -> None:
-        """A one-way message on ``session`` (dropped if it is gone: its leases went with it)."""
+    def _tell(self, session: _Session, message: dict[str, Any]) -> bool:
+        """A one-way message on ``session``; False if it is gone (what it held went with it) or failed."""
         try:
             with self._locked():
                 if self._session is not session:
-                    return
+                    return False
+                deadline = time.monotonic() + self.op_timeout_s
                 try:
-                    proto.send(session.sock, message, time.monotonic() + self.op_timeout_s)
+                    self._flush_releases(deadline)
+                    proto.send(session.sock, message, deadline)
+                except (OSError, TimeoutError, proto.ProtocolError) as exc:
+                    self._fail(exc)
+                    return False
+                return True
+        except _Skip:
+            return False
+
+    def _hand_back(self, session: _Session, lease: int | None) -> None:
+        """Return a lease now (one-way): a get that made no zero-copy view of it."""
+        if lease is None:
+            return
+        self._released.append((session, lease))
+        try:
+            with self._locked():
+                try:
+                    self._flush_releases()
                 except (OSError, TimeoutError, proto.ProtocolError) as exc:
                     self._fail(exc)
         except _Skip:
-            pass  # the lease expires on the server
+            pass  # it goes out with the next request
+
+    def _hold_ended(self, session: _Session, lease: int) -> None:
+        """The last view of a hold is gone. Called by a finalizer, in any thread and possibly while
+        this thread holds the lock: it only queues, except after ``close`` (nobody flushes then),
+        when it closes set-aside connections if the lock is free at once."""
+        self._released.append((session, lease))
+        if self._closed and self._lock.acquire(blocking=False):
+            try:
+                self._flush_releases()
+            finally:
+                self._lock.release()
+
+    def _flush_releases(self, deadline: float | None = None) -> None:
+        """Send the holds whose views are gone (lock held): one one-way ``release`` on the live
+        connection; a set-aside connection is closed once its last hold is back (the server then
+        frees it all). Raises the send's error for the caller to handle as its own."""
+        leases: list[int] = []
+        while self._released:
+            session, lease = self._released.popleft()
+            session.holds -= 1
+            if session is self._session:
+                leases.append(lease)
+            elif session.parked and session.holds <= 0:
+                session.sock.close()
+                self._parked.remove(session)
+        if leases and self._session is not None:
+            deadline = deadline if deadline is not None else time.monotonic() + self.op_timeout_s
+            proto.send(self._session.sock, {"op": proto.RELEASE, "leases": leases}, deadline)
 
     def _locked(self) -> _LockedFor:
         return _LockedFor(self._lock, self.op_timeout_s)
@@ -311,9 +416,15 @@ class NodeBackend(StorageBackend):
             pass
 
     def _drop(self) -> None:
-        if self._session is not None:
-            self._session.sock.close()
-            self._session = None
+        """Close the connection, or set it aside while zero-copy views still read slots it holds."""
+        session, self._session = self._session, None
+        if session is None:
+            return
+        if session.holds > 0:
+            session.parked = True
+            self._parked.append(session)
+        else:
+            session.sock.close()
 
 
 class _LockedFor:

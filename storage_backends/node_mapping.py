@@ -8,7 +8,8 @@ the right length for its byte count, or the copy is refused (:class:`~.node_prot
 
 With CUDA present the mapping is page-locked (``cudaHostRegister``), best effort: copies between
 GPU memory and these pages then need no bounce buffer. A mapping that is replaced (the server
-restarted) stays mapped until the copies that use it finish, then is unregistered and unmapped.
+restarted) stays mapped until the copies that use it finish, then is unregistered and unmapped (a
+zero-copy view handed out by :meth:`SegmentMap.view` keeps its segment mapped until it is dropped).
 """
 
 from __future__ import annotations
@@ -108,6 +109,19 @@ class SegmentMap:
         if idle:
             self._unmap()
 
+    def view(self, slots: Sequence[int], nbytes: int) -> memoryview | None:
+        """A read-only view of the ``nbytes`` in ``slots`` when they are adjacent in one segment (the
+        usual case), else None (read a copy). The view keeps the mapping alive after a retire."""
+        self._check(slots, nbytes)
+        first = slots[0]
+        segment, index = divmod(first, self.slots_per_segment)
+        if slots[-1] - first != len(slots) - 1 or index + len(slots) > self.slots_per_segment:
+            return None
+        if any(b != a + 1 for a, b in zip(slots, slots[1:])):
+            return None
+        start = index * self.slot_bytes
+        return self._views[segment][start : start + nbytes].toreadonly()
+
     def read(self, slots: Sequence[int], nbytes: int) -> memoryview:
         """The ``nbytes`` held in ``slots``, copied into a private buffer: a byte view (it compares and
         slices like bytes) of an uninitialised array, since a zero-filled ``bytearray`` costs one more
@@ -175,7 +189,10 @@ class SegmentMap:
             view.release()
         self._views.clear()
         for mapping in self._maps:
-            mapping.close()
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a zero-copy view still reads it: unmapped when the last one is dropped
         self._maps.clear()
 
 

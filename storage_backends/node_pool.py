@@ -2,7 +2,8 @@
 
 Only numbers live here; the bytes are in the shared-memory segments that clients copy to and from
 (``node_protocol``). The pool works like the cpu tier's (``cpu_backend``): fixed-size slots, a chunk
-takes ``ceil(nbytes / slot_bytes)`` of them (not necessarily adjacent), LRU order within the cap,
+takes ``ceil(nbytes / slot_bytes)`` of them (adjacent ones when a run is free, which lets clients
+read it in place; else any), LRU order within the cap,
 and a put never evicts for nothing: it first checks that free slots and readerless entries add up
 to what it needs.
 
@@ -14,18 +15,25 @@ expires after ``lease_timeout_s`` and everything a connection holds (its leases 
 reserved but never committed) is dropped when the connection closes. Reservations expire like
 leases: a writer stopped mid-copy gives its slots back.
 
+A *hold* is a lease without expiry, for a client that reads in place (zero-copy views into the
+segments that live as long as its caller keeps them): an expiry could free slots under a live view
+and let a writer change bytes the engine is still loading. A hold ends only by ``release`` or when
+its connection closes (a dead client frees it at once), and counts toward the owner's lease cap.
+
 Thread-safe: one lock around everything; no call does I/O.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+_FREE, _USED = b"\x01", b"\x00"
 MAX_LEASES_PER_OWNER = 65536  # a client that never releases is refused new leases, not given memory
 
 
@@ -75,14 +83,18 @@ class NodePool:
     lease_timeout_s: float = 30.0
     clock: Callable[[], float] = time.monotonic
     counters: PoolCounters = field(default_factory=PoolCounters)
+    slots_per_segment: int = 0  # a run of slots never crosses a segment's end; 0: one segment
 
     def __post_init__(self) -> None:
         if self.num_slots <= 0 or self.slot_bytes <= 0 or self.lease_timeout_s <= 0:
             raise ValueError("num_slots, slot_bytes and lease_timeout_s must be positive")
         self._lock = threading.Lock()
-        self._free: list[int] = list(range(self.num_slots - 1, -1, -1))  # a stack: low slots first
+        self._free_map = bytearray(_FREE) * self.num_slots  # _FREE or _USED per slot
+        self._free_count = self.num_slots
+        self._segment_slots = self.slots_per_segment or self.num_slots
         self._index: OrderedDict[str, Entry] = OrderedDict()  # oldest first
         self._leases: dict[int, Lease] = {}  # in creation order, so in expiry order
+        self._holds: dict[int, Lease] = {}  # leases that never expire (see the module docstring)
         self._lease_counts: dict[int, int] = {}
         self._reserved: dict[tuple[int, str], Reservation] = {}  # (owner, key), in creation order
         self._ids = itertools.count(1)
@@ -97,8 +109,10 @@ class NodePool:
                     return count
             return len(keys)
 
-    def get(self, owner: int, keys: Sequence[str]) -> tuple[int | None, list[tuple[list[int], int] | None]]:
-        """The slots and size of each key (None: a miss) and the lease that holds them (None: no hit)."""
+    def get(self, owner: int, keys: Sequence[str],
+            hold: bool = False) -> tuple[int | None, list[tuple[list[int], int] | None]]:
+        """The slots and size of each key (None: a miss) and the lease that holds them (None: no hit);
+        with ``hold``, a lease that does not expire."""
         with self._lock:
             self._expire()
             if self._lease_counts.get(owner, 0) >= MAX_LEASES_PER_OWNER:
@@ -117,7 +131,10 @@ class NodePool:
             if not found:
                 return None, out
             lease_id = next(self._ids)
-            self._leases[lease_id] = Lease(owner, found, self.clock() + self.lease_timeout_s)
+            if hold:
+                self._holds[lease_id] = Lease(owner, found, math.inf)
+            else:
+                self._leases[lease_id] = Lease(owner, found, self.clock() + self.lease_timeout_s)
             self._lease_counts[owner] = self._lease_counts.get(owner, 0) + 1
             return lease_id, out
 
@@ -125,7 +142,7 @@ class NodePool:
         """Hand leases back; ids that are unknown, expired or another owner's are ignored."""
         with self._lock:
             for lease_id in lease_ids:
-                lease = self._leases.get(lease_id)
+                lease = self._leases.get(lease_id) or self._holds.get(lease_id)
                 if lease is not None and lease.owner == owner:
                     self._end_lease(lease_id)
 
@@ -143,7 +160,7 @@ class NodePool:
                     self.counters.skipped_reserves += 1
                     out.append(None)
                     continue
-                entry = Entry(sorted(self._free.pop() for _ in range(need)), nbytes)
+                entry = Entry(self._take(need), nbytes)
                 self._reserved[(owner, key)] = Reservation(entry, self.clock() + self.lease_timeout_s)
                 out.append(entry.slots)
         return out
@@ -171,7 +188,8 @@ class NodePool:
     def drop_owner(self, owner: int) -> tuple[int, int]:
         """Everything a closed connection held: (leases released, reservations freed)."""
         with self._lock:
-            leases = [lease_id for lease_id, lease in self._leases.items() if lease.owner == owner]
+            leases = [lease_id for lease_id, lease in [*self._leases.items(), *self._holds.items()]
+                      if lease.owner == owner]
             for lease_id in leases:
                 self._end_lease(lease_id)
             reserved = [slot_key for slot_key in self._reserved if slot_key[0] == owner]
@@ -189,11 +207,12 @@ class NodePool:
                 "num_slots": self.num_slots,
                 "slot_bytes": self.slot_bytes,
                 "capacity_bytes": self.num_slots * self.slot_bytes,
-                "free_slots": len(self._free),
+                "free_slots": self._free_count,
                 "used_bytes": self._used_bytes,
                 "used_slots": sum(len(e.slots) for e in self._index.values()),
                 "entries": len(self._index),
-                "leases": len(self._leases),
+                "leases": len(self._leases) + len(self._holds),
+                "holds": len(self._holds),
                 "reservations": len(self._reserved),
                 "reserved_slots": reserved_slots,
                 **vars(self.counters),
@@ -219,7 +238,7 @@ class NodePool:
             self.counters.expired_reservations += 1
 
     def _end_lease(self, lease_id: int) -> None:
-        lease = self._leases.pop(lease_id)
+        lease = self._leases.pop(lease_id, None) or self._holds.pop(lease_id)
         left = self._lease_counts[lease.owner] - 1
         if left:
             self._lease_counts[lease.owner] = left
@@ -242,14 +261,40 @@ class NodePool:
         return True
 
     def _free_slots(self, entry: Entry) -> None:
-        self._free.extend(reversed(entry.slots))
+        for slot in entry.slots:
+            self._free_map[slot] = _FREE[0]
+        self._free_count += len(entry.slots)
+
+    def _take(self, need: int) -> list[int]:
+        """``need`` free slots (there are enough): the lowest run of adjacent ones inside one segment
+        if there is one, since a client reads such a chunk in place (zero-copy), else the lowest
+        free ones. The searches run in C (``bytearray.find``)."""
+        run = _FREE * need
+        start = 0
+        while (first := self._free_map.find(run, start)) >= 0:
+            segment_end = (first // self._segment_slots + 1) * self._segment_slots
+            if first + need <= segment_end:
+                slots = list(range(first, first + need))
+                break
+            start = segment_end
+        else:
+            slots = []
+            position = 0
+            while len(slots) < need:
+                position = self._free_map.index(_FREE, position)
+                slots.append(position)
+                position += 1
+        for slot in slots:
+            self._free_map[slot] = _USED[0]
+        self._free_count -= need
+        return slots
 
     def _make_room(self, need: int, replacing: str) -> bool:
         """Make ``need`` slots free by evicting readerless entries (the old copy of ``replacing``
         first, then oldest first), or change nothing and return False."""
-        if len(self._free) >= need:
+        if self._free_count >= need:
             return True
-        freed = len(self._free)
+        freed = self._free_count
         victims: list[str] = []
         old = self._index.get(replacing)
         candidates = itertools.chain([replacing] if old is not None else [],

@@ -6,8 +6,8 @@ the socket carries only what to copy where, so a request is a few hundred bytes 
 chunk size and the server never touches a payload.
 
 A frame is a 4-byte big-endian length and that many bytes of msgpack (a map). Requests are
-answered in order on their connection; ``release`` is one-way (no answer), so a client can hand
-back a read lease without a round trip. A frame above :data:`MAX_FRAME` or anything that is not a
+answered in order on their connection; ``release`` (and a quiet ``commit``) is one-way (no answer),
+so a client can hand back a read lease without a round trip. A frame above :data:`MAX_FRAME` or anything that is not a
 well-formed request ends the connection: the peer is broken or hostile, and answering it would
 only invite more. Requests (``op`` and its fields; every answer has ``ok``):
 
@@ -15,9 +15,12 @@ only invite more. Requests (``op`` and its fields; every answer has ``ok``):
   (``[name, bytes]`` per segment file under :data:`SHM_DIR`), ``lease_timeout_s``;
 - ``contains`` ``keys`` -> ``count`` of leading keys present;
 - ``get`` ``keys`` -> ``entries`` (``[slots, nbytes]`` or None per key) and ``lease`` (an id, or None
-  without a hit): the slots are not reused until ``release`` ``leases`` or the lease expires;
+  without a hit): the slots are not reused until ``release`` ``leases`` or the lease expires; with
+  ``hold: true`` the lease never expires (the client reads in place; see ``node_pool``);
 - ``reserve`` ``items`` (``[key, nbytes]``) -> ``slots`` per item (None: no room without evicting
-  something a reader holds); ``commit`` ``keys`` -> ``committed`` (the entries become visible);
+  something a reader holds); ``commit`` ``keys`` -> ``committed`` (the entries become visible), or
+  no answer with ``quiet: true`` (a writer that need not wait for it: later requests on the same
+  connection are served after it);
 - ``delete`` ``keys`` -> ``deleted``; ``stats`` -> ``stats`` (a map of numbers).
 
 Leases and uncommitted reservations belong to their connection and are dropped when it closes.
@@ -45,7 +48,6 @@ COMMIT = "commit"
 DELETE = "delete"
 STATS = "stats"
 OPS = (HELLO, CONTAINS, GET, RELEASE, RESERVE, COMMIT, DELETE, STATS)
-ONE_WAY = frozenset({RELEASE})  # requests without an answer
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 16 * 2**20  # a request of MAX_BATCH keys is about 4.5 MiB

@@ -63,7 +63,7 @@ def handle_request(pool: NodePool, owner: int, message: dict[str, Any], hello: d
     if op == proto.CONTAINS:
         return {"ok": True, "count": pool.contains(proto.keys_of(message))}
     if op == proto.GET:
-        lease, entries = pool.get(owner, proto.keys_of(message))
+        lease, entries = pool.get(owner, proto.keys_of(message), hold=message.get("hold") is True)
         return {"ok": True, "lease": lease, "entries": [None if e is None else [e[0], e[1]] for e in entries]}
     if op == proto.RELEASE:
         pool.release(owner, proto.ints_of(message, "leases"))
@@ -71,7 +71,8 @@ def handle_request(pool: NodePool, owner: int, message: dict[str, Any], hello: d
     if op == proto.RESERVE:
         return {"ok": True, "slots": pool.reserve(owner, proto.items_of(message))}
     if op == proto.COMMIT:
-        return {"ok": True, "committed": pool.commit(owner, proto.keys_of(message))}
+        committed = pool.commit(owner, proto.keys_of(message))
+        return None if message.get("quiet") is True else {"ok": True, "committed": committed}
     if op == proto.DELETE:
         return {"ok": True, "deleted": pool.delete(proto.keys_of(message))}
     if op == proto.STATS:
@@ -160,7 +161,8 @@ def run_server(options: ServerOptions, on_ready: Callable[[str], None] | None = 
         lock_fd = prepare_socket(path)
         remove_stale_segments()
         segments = create_segments(options.max_bytes // options.slot_bytes, options.slot_bytes)
-        pool = NodePool(segments.num_slots, options.slot_bytes, options.lease_timeout_s)
+        pool = NodePool(segments.num_slots, options.slot_bytes, options.lease_timeout_s,
+                        slots_per_segment=segments.slots_per_segment)
         hello = {"version": proto.PROTOCOL_VERSION, "server_id": f"{os.getpid()}-{segments.tag}",
                  "slot_bytes": options.slot_bytes, "num_slots": segments.num_slots,
                  "slots_per_segment": segments.slots_per_segment, "lease_timeout_s": options.lease_timeout_s,

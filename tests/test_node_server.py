@@ -110,6 +110,32 @@ def test_pool_delete_under_a_lease_frees_at_release_and_owners_are_dropped() -> 
     assert pool.stats()["leases"] == 0 and pool.stats()["reservations"] == 0 and pool.stats()["free_slots"] == 1
 
 
+def test_pool_places_a_chunk_in_adjacent_slots_inside_one_segment_when_it_can() -> None:
+    pool = NodePool(num_slots=8, slot_bytes=10, slots_per_segment=4)
+    assert pool.reserve(1, [(k, 10) for k in "abcdefgh"]) == [[i] for i in range(8)]
+    pool.commit(1, list("abcdefgh"))
+    pool.delete(["b", "d", "e", "g", "h"])  # free: 1, 3 | 4, 6, 7
+    assert pool.reserve(1, [("two", 20)]) == [[6, 7]]  # 3 and 4 are adjacent but in two segments
+    assert pool.reserve(1, [("three", 30)]) == [[1, 3, 4]]  # no run of three: the lowest free ones
+    assert pool.stats()["free_slots"] == 0
+
+
+def test_pool_holds_do_not_expire_and_end_with_release_or_their_connection() -> None:
+    now = [0.0]
+    pool = NodePool(num_slots=2, slot_bytes=10, lease_timeout_s=5, clock=lambda: now[0])
+    pool.reserve(1, [("a", 10), ("b", 10)])
+    pool.commit(1, ["a", "b"])
+    held, _ = pool.get(2, ["a"], hold=True)
+    pool.get(3, ["b"], hold=True)
+    now[0] = 1000.0
+    assert pool.delete(["a", "b"]) == 2
+    stats = pool.stats()
+    assert stats["holds"] == 2 and stats["expired_leases"] == 0 and stats["free_slots"] == 0
+    pool.release(2, [held])
+    assert pool.drop_owner(3) == (1, 0)
+    assert pool.stats()["holds"] == 0 and pool.stats()["free_slots"] == 2
+
+
 def test_pool_leases_and_reservations_expire() -> None:
     now = [0.0]
     pool = NodePool(num_slots=2, slot_bytes=10, lease_timeout_s=5, clock=lambda: now[0])

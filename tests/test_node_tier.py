@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from node_server_proc import NodeServerProcess
 
@@ -33,6 +34,11 @@ BACKEND_LOG = "kvtier.storage_backends.node_backend"
 
 def _key(name: object) -> str:
     return hashlib.sha256(str(name).encode()).hexdigest()
+
+
+def _got(node: NodeBackend, keys: list[str]) -> list[bytes | None]:
+    """``get`` as bytes (it returns zero-copy views or copies)."""
+    return [None if b is None else bytes(b) for b in node.get(keys)]
 
 
 def _blob(name: object, size: int) -> bytes:
@@ -67,16 +73,74 @@ def test_round_trip_multi_slot_and_scattered_slots(node: NodeBackend) -> None:
     assert node.put(items) == 4
     assert node.contains([k for k, _ in items] + [_key("absent"), items[0][0]]) == 4
     got = node.get([items[2][0], _key("absent"), items[0][0]])
-    assert got[0] == items[2][1] and got[1] is None and got[2] == items[0][1]
-    assert node.server_stats()["leases"] == 0  # the lease is already back: what get returned is a private copy
-    assert node.delete([items[2][0]]) == 1 and node.put([(_key("reuse"), _blob(9, 200 * KiB))]) == 1
-    assert got[0] == items[2][1]  # its slots were freed and written again: the copy is unchanged
+    assert bytes(got[0]) == items[2][1] and got[1] is None and bytes(got[2]) == items[0][1]
+    assert isinstance(got[0], np.ndarray) and not got[0].flags.writeable  # a view of the segment, read-only
+    assert node.server_stats()["holds"] == 1  # one hold for the batch while its views live
     assert node.delete([items[1][0], _key("absent")]) == 1  # frees one slot between others
     scattered = (_key(5), _blob(5, 180 * KiB))  # 3 slots: the freed one and two elsewhere
-    assert node.put([scattered]) == 1 and node.get([scattered[0]]) == [scattered[1]]
+    assert node.put([scattered]) == 1 and _got(node, [scattered[0]]) == [scattered[1]]
+    assert node.server_stats()["leases"] == 1  # scattered: copied out, its lease already back
     stats = node.stats()
-    assert stats["stored_chunks"] == 6 and stats["get_hits"] == 3 and stats["errors"] == 0
+    assert stats["stored_chunks"] == 5 and stats["get_hits"] == 3 and stats["errors"] == 0
     assert stats["used_chunks"] == 4
+    del got
+    assert node.server_stats()["leases"] == 0  # the views are gone: the next request handed the hold back
+
+
+def test_zero_copy_views_hold_their_slots_until_the_last_is_dropped(node: NodeBackend) -> None:
+    """Deleted or overwritten while a view (or anything derived from it) lives, an entry's slots are
+    not reused: the view keeps the bytes it had. Dropped, they are freed."""
+    blob = _blob("held", 300 * KiB)
+    assert node.put([(_key("held"), blob)]) == 1
+    view = node.get([_key("held")])[0]
+    derived = [np.asarray(view)[KiB:], memoryview(view)[:10], view.view(np.uint32)]
+    del view
+    assert node.delete([_key("held")]) == 1
+    others = [(_key(f"fill{i}"), _blob(f"fill{i}", 100 * KiB)) for i in range(12)]  # 1.2 MiB into a 1 MiB pool
+    node.put(others)
+    stats = node.server_stats()
+    assert stats["holds"] == 1 and stats["free_slots"] < 2  # full, but for the 5 held slots
+    assert stats["used_slots"] + stats["free_slots"] == stats["num_slots"] - 5
+    assert bytes(derived[0]) == blob[KiB:] and bytes(derived[1]) == blob[:10]
+    assert derived[2].tobytes() == blob
+    derived.pop()
+    assert node.server_stats()["holds"] == 1
+    derived.clear()
+    node.contains([_key("held")])  # a request: the hold goes back with it
+    after = node.server_stats()
+    assert after["holds"] == 0 and after["free_slots"] == stats["free_slots"] + 5
+    node.delete([k for k, _ in others])
+
+
+def test_a_failed_connection_is_set_aside_while_views_live(folder: Path) -> None:
+    """Closing the connection would make the server free held slots under live views; a connection
+    that fails while it holds some stays open until the last view is dropped."""
+    srv = NodeServerProcess(folder / "aside.sock", max_bytes="1MiB", slot_bytes="256KiB").start()
+    node = NodeBackend(srv.socket_path, op_timeout_s=0.3, retry_interval_s=0.05)
+    other = NodeBackend(srv.socket_path)
+    try:
+        blob = _blob("aside", 500 * KiB)
+        assert node.put([(_key("aside"), blob)]) == 1
+        view = node.get([_key("aside")])[0]
+        srv.pause()
+        assert node.contains([_key("aside")]) == 0  # timed out: the connection failed
+        srv.resume()
+        time.sleep(0.1)
+        assert node.contains([_key("aside")]) == 1  # a new connection; the old one is set aside
+        other.delete([_key("aside")])
+        assert other.put([(_key(f"new{i}"), _blob(f"new{i}", 200 * KiB)) for i in range(4)]) == 2
+        assert other.server_stats()["holds"] == 1 and bytes(view) == blob  # still held: unchanged
+        del view
+        node.contains([_key("aside")])  # closes the set-aside connection: the server frees its hold
+        deadline = time.monotonic() + 5
+        while other.server_stats()["holds"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert other.put([(_key(f"new{i}"), _blob(f"new{i}", 200 * KiB)) for i in range(2, 4)]) == 2
+    finally:
+        node.close()
+        other.close()
+        srv.stop()
 
 
 def test_too_large_and_empty_chunks_are_skipped(node: NodeBackend) -> None:
@@ -91,7 +155,7 @@ def test_full_pool_evicts_lru_and_never_the_read(node: NodeBackend) -> None:
         assert node.put([item]) == 1
     stats = node.server_stats()
     assert stats["entries"] == 8 and stats["evicted_chunks"] >= 2 and stats["used_bytes"] <= MiB
-    assert node.contains([chunks[0][0]]) == 0 and node.get([chunks[9][0]]) == [chunks[9][1]]
+    assert node.contains([chunks[0][0]]) == 0 and _got(node, [chunks[9][0]]) == [chunks[9][1]]
 
 
 def test_threads_share_one_client(node: NodeBackend) -> None:
@@ -102,7 +166,7 @@ def test_threads_share_one_client(node: NodeBackend) -> None:
             for i in range(30):
                 key, blob = _key(t * 100 + i % 3), _blob(t * 100 + i % 3, 20 * KiB + t)
                 node.put([(key, blob)])
-                got = node.get([key])[0]
+                got = _got(node, [key])[0]
                 assert got is None or got == blob  # evicted by another thread, or exactly what was stored
         except BaseException as exc:
             errors.append(exc)
@@ -134,7 +198,7 @@ def test_processes_see_each_others_chunks(node: NodeBackend, server: NodeServerP
     done = subprocess.run([sys.executable, "-c", PEER, server.socket_path], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ",".join(hashlib.sha256(b).hexdigest()[:12] for _, b in parent)
-    got = node.get([f"peer-{i}" for i in range(3)])
+    got = _got(node, [f"peer-{i}" for i in range(3)])
     assert got == [hashlib.sha256(f"peer{i}".encode()).digest() * 3000 for i in range(3)]
     node.delete([k for k, _ in parent] + [f"peer-{i}" for i in range(3)])
 
@@ -218,10 +282,10 @@ def test_killed_then_restarted_server_reconnects_and_remaps(folder: Path, caplog
         time.sleep(0.15)
         assert node.contains([_key(1)]) == 0  # what the old server held is gone
         assert node.put([(_key(2), _blob(2, 1500 * KiB))]) == 1
-        assert node.get([_key(2)]) == [_blob(2, 1500 * KiB)]
+        assert _got(node, [_key(2)]) == [_blob(2, 1500 * KiB)]
         assert node.server_stats()["pid"] == srv.pid != first
         fresh = NodeBackend(srv.socket_path)  # wrote into the new server's segments, not the old mapping
-        assert fresh.get([_key(2)]) == [_blob(2, 1500 * KiB)]
+        assert _got(fresh, [_key(2)]) == [_blob(2, 1500 * KiB)]
         fresh.close()
     finally:
         node.close()
@@ -262,7 +326,7 @@ def test_mapping_is_page_locked_with_cuda(server: NodeServerProcess) -> None:
     try:
         assert node.pinned
         assert node.put([(_key("pin"), _blob("pin", 300 * KiB))]) == 1
-        assert node.get([_key("pin")]) == [_blob("pin", 300 * KiB)]
+        assert _got(node, [_key("pin")]) == [_blob("pin", 300 * KiB)]
         node.delete([_key("pin")])
     finally:
         node.close()
