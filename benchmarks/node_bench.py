@@ -13,7 +13,8 @@ entries (the previous round's are deleted, untimed); one untimed round per varia
 pools. Variants run interleaved, the order rotated every round, for ``--rounds`` rounds: on a small
 shared machine the noise is large, so each figure is the median of the rounds with its spread
 (min-max), and the ratios are computed per round (node / memcpy, node / cpu) and reported as their
-median and range.
+median and range. Last, the cost of one call on a warm connection (``contains``, and a 1 MiB ``get`` and
+``put``) in microseconds: the socket round trip that a single-chunk call pays on top of its copy.
 
     python benchmarks/node_bench.py                        # starts its own kvtier server
     python benchmarks/node_bench.py --sizes 1 4 16 --batches 1 8 --rounds 7
@@ -170,10 +171,26 @@ def run(args: argparse.Namespace, folder: Path, socket_path: str) -> dict[tuple[
                     print(f"  {size_mib} MiB x {n}, batch {batch}: done", file=sys.stderr, flush=True)
                 for runner in (runners["cpu"], runners["node"]):
                     runner.backend.delete(runner.keys)
+            print(round_trips(node, args.rounds), flush=True)
         finally:
             node_store.close()
             cpu_store.close()
     return cells
+
+
+def round_trips(node, rounds: int, calls: int = 300) -> str:
+    """Microseconds per call on a warm connection, one 1 MiB chunk: what a call costs beyond its copy."""
+    key, blob = make_items(1, MiB, "rtt")[0]
+    node.put([(key, blob)])
+    calls_by_name = {"contains": lambda: node.contains([key]), "get (1 MiB)": lambda: node.get([key]),
+                     "put (1 MiB)": lambda: node.put([(key, blob)])}
+    per_call: dict[str, list[float]] = {name: [] for name in calls_by_name}
+    for _ in range(rounds):
+        for name, call in calls_by_name.items():
+            per_call[name].append(timed(lambda call=call: [call() for _ in range(calls)]) / calls * 1e6)
+    node.delete([key])
+    return "node tier, us per call on a warm connection (median of rounds, min-max): " + ", ".join(
+        f"{name} {_spread(values)}" for name, values in per_call.items())
 
 
 def _spread(values: list[float]) -> str:

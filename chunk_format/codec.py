@@ -210,8 +210,8 @@ def decode_chunk(blob: memoryview | bytes, expected_key: str, verify_checksum: b
                  mac_key: IntegrityKey | None = None) -> Chunk:
     """Validate a stored blob fully and return its header and payload view.
 
-    ``verify_checksum=False`` is for process-local tiers whose bytes never left this process (then
-    the MAC is not checked either). With ``mac_key`` a chunk without a valid MAC is corrupt: it was
+    ``verify_checksum=False`` is for host-memory tiers whose reads return exactly what was written
+    (the cpu and node tiers; then the MAC is not checked either). With ``mac_key`` a chunk without a valid MAC is corrupt: it was
     written without the key, with another key, or changed since (xxh3 alone an attacker recomputes).
     """
     header, offset = decode_header(blob)

@@ -143,8 +143,9 @@ def _add_server_parser(sub: argparse._SubParsersAction) -> None:
     server.add_argument("--slot-bytes", default="1MiB", metavar="SIZE",
                         help="slot size: a chunk takes ceil(size / slot) slots (default %(default)s)")
     server.add_argument("--lease-timeout-s", default="30", metavar="S",
-                        help="longest time a client may hold slots it reads or reserved before they are "
-                             "reclaimed (default %(default)s)")
+                        help="longest time a client that reads by copying may hold a read lease before it "
+                             "is reclaimed; what a connection reads in place or is writing is freed when "
+                             "it closes (default %(default)s)")
     server.set_defaults(func=_server)
 
 

@@ -23,8 +23,14 @@ Buffer = Union[bytes, bytearray, memoryview]  # noqa: UP007 (a runtime alias)
 class StorageBackend(ABC):
     """A batched key -> blob store with prefix lookups. Thread-safe."""
 
-    #: Bytes never leave this process (a host-memory pool), so a checksum re-check buys nothing.
+    #: Bytes never leave this process (a host-memory pool): no other process sees them, and no
+    #: medium can stall a call.
     process_local: bool = False
+    #: ``get`` returns what ``put`` stored, bit for bit, unless this host's memory or kvtier itself is
+    #: broken: host memory that only the tier's own code writes (the cpu tier; the node tier, whose
+    #: server never frees slots under a reader or writer). Reads then skip the payload checksum and
+    #: MAC. False for anything with a medium in between: files, a network, a store other users reach.
+    intact_reads: bool = False
 
     def __init__(self, name: str, metrics: TierMetrics) -> None:
         self.name = name

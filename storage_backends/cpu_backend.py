@@ -56,6 +56,7 @@ class CpuBackend(StorageBackend):
     """Fixed-slot host-memory pool, LRU within ``max_bytes``. Thread-safe (one lock)."""
 
     process_local = True
+    intact_reads = True
 
     def __init__(
         self,

@@ -12,8 +12,12 @@ still loads from them. The hold is handed back once every view of its batch (and
 derived from them, as for the cpu tier) is gone: a finalizer queues it and the next request sends
 it along, one-way. Chunks in scattered slots are copied out and their lease returned at once.
 
-A connection that fails while its holds are alive is not closed but set aside, since closing it
-would make the server free the held slots under live views; it is closed when its last hold ends.
+A connection that fails while its holds are alive, or while a put still copies into slots it
+reserved, is not closed but set aside: closing it would make the server free those slots, under
+live views or under a copy that goes on, which could then change a chunk someone else published.
+It is closed when its last hold and copy end. Since the server never frees reservations or holds
+by time either (``node_pool``), a published chunk's bytes change only by a bug, as in the cpu
+tier's memory, and reads skip the payload checksum (``intact_reads``).
 
 Failure contract (``base``): the server not running, killed or restarted means misses and skipped
 stores, never an exception and never a hang. Every request is bounded by ``op_timeout_s`` (and a
@@ -58,7 +62,8 @@ class _Session:
     sock: socket.socket
     segments: SegmentMap
     holds: int = 0  # leases of zero-copy views not yet handed back (changed with the lock held)
-    parked: bool = False  # failed, but kept open until its holds end
+    writes: int = 0  # puts copying into slots this connection reserved (changed with the lock held)
+    parked: bool = False  # failed, but kept open until its holds and writes end
 
 
 class _BatchHold:
@@ -84,6 +89,7 @@ class NodeBackend(StorageBackend):
     """The node tier. Never raises for a server problem; see the module docstring."""
 
     process_local = False
+    intact_reads = True  # see the module docstring
 
     def __init__(self, socket_path: str, *, name: str = "node", metrics: TierMetrics | None = None,
                  connect_timeout_s: float = 0.5, op_timeout_s: float = 1.0, retry_interval_s: float = 1.0,
@@ -103,7 +109,7 @@ class NodeBackend(StorageBackend):
         self._down = False
         self._closed = False
         self._pid = os.getpid()
-        self._released: deque[tuple[_Session, int]] = deque()  # holds whose views are gone
+        self._released: deque[tuple[_Session, int | None]] = deque()  # holds whose views are gone, None: a write
         self._parked: list[_Session] = []
         try:
             with self._locked():
@@ -238,12 +244,11 @@ class NodeBackend(StorageBackend):
             return 0, 0
         reply, session = asked
         slots = reply.get("slots")
-        if not isinstance(slots, list) or len(slots) != len(items):
-            self._protocol_failure("put", session, "a reserve answer of the wrong length")
-            return 0, 0
         written: list[str] = []
         nbytes = 0
         try:
+            if not isinstance(slots, list) or len(slots) != len(items):
+                raise proto.ProtocolError("a reserve answer of the wrong length")
             with session.segments.use() as segments:
                 for (key, view), where in zip(items, slots):
                     if where is not None:
@@ -251,8 +256,10 @@ class NodeBackend(StorageBackend):
                         written.append(key)
                         nbytes += view.nbytes
         except proto.ProtocolError as exc:
+            self._released.append((session, None))  # the copy is over
             self._protocol_failure("put", session, str(exc))
             return 0, 0
+        self._released.append((session, None))  # the copy is over: the connection may close now
         if not written:
             return 0, 0
         if not self._tell(session, {"op": proto.COMMIT, "keys": written, "quiet": True}):
@@ -290,6 +297,8 @@ class NodeBackend(StorageBackend):
                     raise _Skip from None
                 if message.get("hold") and type(reply.get("lease")) is int:
                     current.holds += 1  # from now on a failure parks this connection instead of closing it
+                if message.get("op") == proto.RESERVE:
+                    current.writes += 1  # likewise until the put's copy is over
                 return reply, current
         except _Skip:
             self.metrics.error(op)
@@ -339,15 +348,18 @@ class NodeBackend(StorageBackend):
 
     def _flush_releases(self, deadline: float | None = None) -> None:
         """Send the holds whose views are gone (lock held): one one-way ``release`` on the live
-        connection; a set-aside connection is closed once its last hold is back (the server then
-        frees it all). Raises the send's error for the caller to handle as its own."""
+        connection; a set-aside connection is closed once its last hold and copy are over (the
+        server then frees it all). Raises the send's error for the caller to handle as its own."""
         leases: list[int] = []
         while self._released:
             session, lease = self._released.popleft()
-            session.holds -= 1
-            if session is self._session:
-                leases.append(lease)
-            elif session.parked and session.holds <= 0:
+            if lease is None:
+                session.writes -= 1
+            else:
+                session.holds -= 1
+                if session is self._session:
+                    leases.append(lease)
+            if session.parked and session.holds <= 0 and session.writes <= 0:
                 session.sock.close()
                 self._parked.remove(session)
         if leases and self._session is not None:
@@ -416,11 +428,11 @@ class NodeBackend(StorageBackend):
             pass
 
     def _drop(self) -> None:
-        """Close the connection, or set it aside while zero-copy views still read slots it holds."""
+        """Close the connection, or set it aside while zero-copy views or copies use slots it holds."""
         session, self._session = self._session, None
         if session is None:
             return
-        if session.holds > 0:
+        if session.holds > 0 or session.writes > 0:
             session.parked = True
             self._parked.append(session)
         else:

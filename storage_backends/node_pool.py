@@ -10,15 +10,16 @@ to what it needs.
 Clients in other processes copy bytes out of slots after the server answered, so a slot must not
 be reused while a client may still be reading it: ``get`` hands out a *lease* on the entries it
 found, and an entry under a lease is never evicted; deleted or replaced meanwhile, its slots are
-freed at the last release. A client that dies or hangs must not pin memory forever, so a lease
-expires after ``lease_timeout_s`` and everything a connection holds (its leases and the slots it
-reserved but never committed) is dropped when the connection closes. Reservations expire like
-leases: a writer stopped mid-copy gives its slots back.
+freed at the last release. Everything a connection holds (its leases and the slots it reserved
+but never committed) is dropped when the connection closes, so a client that dies frees it all at
+once; a plain lease also expires after ``lease_timeout_s``.
 
 A *hold* is a lease without expiry, for a client that reads in place (zero-copy views into the
-segments that live as long as its caller keeps them): an expiry could free slots under a live view
-and let a writer change bytes the engine is still loading. A hold ends only by ``release`` or when
-its connection closes (a dead client frees it at once), and counts toward the owner's lease cap.
+segments that live as long as its caller keeps them), and reservations do not expire either: an
+expiry could free slots under a live view, or hand a stopped writer's slots to another writer and
+let the first, resumed, overwrite a published chunk. With both bound to their connection, the
+bytes of a published chunk change only if a process writes outside the slots it reserved; readers
+of the node tier rely on that (``node_backend``). A hung client keeps what it holds until it dies.
 
 Thread-safe: one lock around everything; no call does I/O.
 """
@@ -57,7 +58,6 @@ class Lease:
 @dataclass(eq=False)
 class Reservation:
     entry: Entry
-    expires: float
 
 
 @dataclass
@@ -67,7 +67,6 @@ class PoolCounters:
     evicted_chunks: int = 0
     evicted_bytes: int = 0
     expired_leases: int = 0
-    expired_reservations: int = 0
     dropped_leases: int = 0
     dropped_reservations: int = 0
     skipped_reserves: int = 0
@@ -96,7 +95,7 @@ class NodePool:
         self._leases: dict[int, Lease] = {}  # in creation order, so in expiry order
         self._holds: dict[int, Lease] = {}  # leases that never expire (see the module docstring)
         self._lease_counts: dict[int, int] = {}
-        self._reserved: dict[tuple[int, str], Reservation] = {}  # (owner, key), in creation order
+        self._reserved: dict[tuple[int, str], Reservation] = {}  # (owner, key)
         self._ids = itertools.count(1)
         self._used_bytes = 0
 
@@ -161,7 +160,7 @@ class NodePool:
                     out.append(None)
                     continue
                 entry = Entry(self._take(need), nbytes)
-                self._reserved[(owner, key)] = Reservation(entry, self.clock() + self.lease_timeout_s)
+                self._reserved[(owner, key)] = Reservation(entry)
                 out.append(entry.slots)
         return out
 
@@ -173,7 +172,7 @@ class NodePool:
             for key in keys:
                 reservation = self._reserved.pop((owner, key), None)
                 if reservation is None:
-                    continue  # never reserved, expired, or committed already
+                    continue  # never reserved, or committed already
                 self._remove(key)
                 self._index[key] = reservation.entry
                 self._used_bytes += reservation.entry.nbytes
@@ -221,7 +220,7 @@ class NodePool:
     # -- internals (lock held) -------------------------------------------------------------------------------------
 
     def _expire(self) -> None:
-        """End leases and reservations past their time; both dicts are in expiry order."""
+        """End plain leases past their time (the dict is in expiry order)."""
         now = self.clock()
         while self._leases:
             lease_id, lease = next(iter(self._leases.items()))
@@ -229,13 +228,6 @@ class NodePool:
                 break
             self._end_lease(lease_id)
             self.counters.expired_leases += 1
-        while self._reserved:
-            slot_key, reservation = next(iter(self._reserved.items()))
-            if reservation.expires > now:
-                break
-            del self._reserved[slot_key]
-            self._free_slots(reservation.entry)
-            self.counters.expired_reservations += 1
 
     def _end_lease(self, lease_id: int) -> None:
         lease = self._leases.pop(lease_id, None) or self._holds.pop(lease_id)

@@ -233,7 +233,7 @@ class TieredStore:
         writer, because a delete may wait for a lock (the disk tier's) and reads must never wait."""
         tier = self.tiers[depth]
         try:
-            return decode_chunk(blob, key, verify_checksum=not tier.process_local, mac_key=self.integrity_key)
+            return decode_chunk(blob, key, verify_checksum=not tier.intact_reads, mac_key=self.integrity_key)
         except ChunkCorrupt as exc:
             log.warning("kvtier: dropping corrupt chunk %s... from %s tier: %s", key[:16], tier.name, exc)
             tier.metrics.corrupt_chunk()

@@ -136,7 +136,9 @@ def test_pool_holds_do_not_expire_and_end_with_release_or_their_connection() -> 
     assert pool.stats()["holds"] == 0 and pool.stats()["free_slots"] == 2
 
 
-def test_pool_leases_and_reservations_expire() -> None:
+def test_pool_plain_leases_expire_reservations_only_with_their_connection() -> None:
+    """A reservation that expired could go to another writer while the first, resumed, still copies
+    into it: reservations end by commit or with their connection, never by time."""
     now = [0.0]
     pool = NodePool(num_slots=2, slot_bytes=10, lease_timeout_s=5, clock=lambda: now[0])
     pool.reserve(1, [("a", 10)])
@@ -144,10 +146,11 @@ def test_pool_leases_and_reservations_expire() -> None:
     pool.get(1, ["a"])
     pool.reserve(1, [("b", 10)])
     now[0] = 6.0
-    assert pool.commit(1, ["b"]) == 0  # expired: its slot went back
+    assert pool.reserve(2, [("c", 10)]) == [[0]]  # a's lease expired (a is evicted), b's slot stays reserved
+    assert pool.commit(1, ["b"]) == 1
     stats = pool.stats()
-    assert stats["leases"] == 0 and stats["expired_leases"] == 1 and stats["expired_reservations"] == 1
-    assert stats["free_slots"] == 1
+    assert stats["leases"] == 0 and stats["expired_leases"] == 1 and stats["reservations"] == 1
+    assert pool.drop_owner(2) == (0, 1) and pool.stats()["free_slots"] == 1
 
 
 # -- the command ---------------------------------------------------------------------------------------------------

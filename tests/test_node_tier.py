@@ -27,6 +27,7 @@ from kvtier.connector.store_factory import build_store, is_process_local
 from kvtier.storage_backends import node_protocol as proto
 from kvtier.storage_backends.builtin_tiers import NodeTier
 from kvtier.storage_backends.node_backend import NodeBackend
+from kvtier.storage_backends.node_mapping import SegmentMap
 
 KiB, MiB = 2**10, 2**20
 BACKEND_LOG = "kvtier.storage_backends.node_backend"
@@ -137,6 +138,42 @@ def test_a_failed_connection_is_set_aside_while_views_live(folder: Path) -> None
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert other.put([(_key(f"new{i}"), _blob(f"new{i}", 200 * KiB)) for i in range(2, 4)]) == 2
+    finally:
+        node.close()
+        other.close()
+        srv.stop()
+
+
+def test_a_connection_that_fails_mid_copy_is_set_aside_until_the_copy_ends(
+        folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing it would free the reserved slots under a copy that goes on, which could then change a
+    chunk another writer published there; the server keeps them until the copy is over."""
+    srv = NodeServerProcess(folder / "midcopy.sock", max_bytes="1MiB", slot_bytes="256KiB").start()
+    node = NodeBackend(srv.socket_path, op_timeout_s=0.3, retry_interval_s=0.05)
+    other = NodeBackend(srv.socket_path)
+    write = SegmentMap.write
+    during: list[dict] = []
+
+    def write_after_a_failure(segments: SegmentMap, slots: list[int], data: memoryview) -> None:
+        if not during:
+            srv.pause()
+            assert node.contains([_key("mid")]) == 0  # times out: the connection fails while this put copies
+            srv.resume()
+            during.append(other.server_stats())
+        write(segments, slots, data)
+
+    try:
+        monkeypatch.setattr(SegmentMap, "write", write_after_a_failure)
+        assert node.put([(_key("mid"), _blob("mid", 500 * KiB))]) == 0  # its connection failed: no commit
+        monkeypatch.undo()
+        assert during[0]["reservations"] == 1 and during[0]["free_slots"] == 2  # not freed under the copy
+        time.sleep(0.1)
+        assert node.contains([_key("mid")]) == 0  # a new connection; the set-aside one is closed now
+        deadline = time.monotonic() + 5
+        while other.server_stats()["reservations"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert other.server_stats()["free_slots"] == 4
     finally:
         node.close()
         other.close()
