@@ -224,8 +224,6 @@ class NodeBackend(StorageBackend):
                     views.append(array)
                     out.append(array)
         except proto.ProtocolError as exc:
-            views.clear()
-            out.clear()
             self._hand_back(session, lease)
             self._protocol_failure("get", session, str(exc))
             return misses
@@ -265,7 +263,7 @@ class NodeBackend(StorageBackend):
         if not self._tell(session, {"op": proto.COMMIT, "keys": written, "quiet": True}):
             self.metrics.error("put")
             return 0, 0
-        return len(written), nbytes  # the server commits all unless the reservations expired meanwhile
+        return len(written), nbytes  # reservations end only by commit or with the connection: all commit
 
     # -- the connection --------------------------------------------------------------------------------------------
 

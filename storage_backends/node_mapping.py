@@ -113,11 +113,8 @@ class SegmentMap:
         """A read-only view of the ``nbytes`` in ``slots`` when they are adjacent in one segment (the
         usual case), else None (read a copy). The view keeps the mapping alive after a retire."""
         self._check(slots, nbytes)
-        first = slots[0]
-        segment, index = divmod(first, self.slots_per_segment)
-        if slots[-1] - first != len(slots) - 1 or index + len(slots) > self.slots_per_segment:
-            return None
-        if any(b != a + 1 for a, b in zip(slots, slots[1:])):
+        segment, index = divmod(slots[0], self.slots_per_segment)
+        if index + len(slots) > self.slots_per_segment or any(b != a + 1 for a, b in zip(slots, slots[1:])):
             return None
         start = index * self.slot_bytes
         return self._views[segment][start : start + nbytes].toreadonly()

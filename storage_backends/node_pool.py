@@ -55,11 +55,6 @@ class Lease:
     expires: float
 
 
-@dataclass(eq=False)
-class Reservation:
-    entry: Entry
-
-
 @dataclass
 class PoolCounters:
     """Monotonic counters for ``stats``."""
@@ -95,7 +90,7 @@ class NodePool:
         self._leases: dict[int, Lease] = {}  # in creation order, so in expiry order
         self._holds: dict[int, Lease] = {}  # leases that never expire (see the module docstring)
         self._lease_counts: dict[int, int] = {}
-        self._reserved: dict[tuple[int, str], Reservation] = {}  # (owner, key)
+        self._reserved: dict[tuple[int, str], Entry] = {}  # (owner, key): slots being written
         self._ids = itertools.count(1)
         self._used_bytes = 0
 
@@ -154,13 +149,13 @@ class NodePool:
                 need = -(-nbytes // self.slot_bytes)
                 old = self._reserved.pop((owner, key), None)  # the same key reserved again: the old one is void
                 if old is not None:
-                    self._free_slots(old.entry)
+                    self._free_slots(old)
                 if need > self.num_slots or not self._make_room(need, replacing=key):
                     self.counters.skipped_reserves += 1
                     out.append(None)
                     continue
                 entry = Entry(self._take(need), nbytes)
-                self._reserved[(owner, key)] = Reservation(entry)
+                self._reserved[(owner, key)] = entry
                 out.append(entry.slots)
         return out
 
@@ -170,12 +165,12 @@ class NodePool:
         with self._lock:
             self._expire()
             for key in keys:
-                reservation = self._reserved.pop((owner, key), None)
-                if reservation is None:
+                entry = self._reserved.pop((owner, key), None)
+                if entry is None:
                     continue  # never reserved, or committed already
                 self._remove(key)
-                self._index[key] = reservation.entry
-                self._used_bytes += reservation.entry.nbytes
+                self._index[key] = entry
+                self._used_bytes += entry.nbytes
                 committed += 1
             self.counters.commits += committed
         return committed
@@ -193,7 +188,7 @@ class NodePool:
                 self._end_lease(lease_id)
             reserved = [slot_key for slot_key in self._reserved if slot_key[0] == owner]
             for slot_key in reserved:
-                self._free_slots(self._reserved.pop(slot_key).entry)
+                self._free_slots(self._reserved.pop(slot_key))
             self.counters.dropped_leases += len(leases)
             self.counters.dropped_reservations += len(reserved)
             return len(leases), len(reserved)
@@ -201,7 +196,7 @@ class NodePool:
     def stats(self) -> dict[str, int]:
         with self._lock:
             self._expire()
-            reserved_slots = sum(len(r.entry.slots) for r in self._reserved.values())
+            reserved_slots = sum(len(entry.slots) for entry in self._reserved.values())
             return {
                 "num_slots": self.num_slots,
                 "slot_bytes": self.slot_bytes,
