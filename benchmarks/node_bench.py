@@ -14,7 +14,8 @@ pools. Variants run interleaved, the order rotated every round, for ``--rounds``
 shared machine the noise is large, so each figure is the median of the rounds with its spread
 (min-max), and the ratios are computed per round (node / memcpy, node / cpu) and reported as their
 median and range. Last, the cost of one call on a warm connection (``contains``, and a 1 MiB ``get`` and
-``put``) in microseconds: the socket round trip that a single-chunk call pays on top of its copy.
+``put``) in microseconds: the socket round trip that a single-chunk call pays on top of its copy; and
+how fast a copy out of ``/dev/shm`` runs against one out of anonymous memory (the zero-copy ceiling).
 
     python benchmarks/node_bench.py                        # starts its own kvtier server
     python benchmarks/node_bench.py --sizes 1 4 16 --batches 1 8 --rounds 7
@@ -23,6 +24,7 @@ median and range. Last, the cost of one call on a warm connection (``contains``,
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import platform
 import statistics
@@ -33,6 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +175,7 @@ def run(args: argparse.Namespace, folder: Path, socket_path: str) -> dict[tuple[
                 for runner in (runners["cpu"], runners["node"]):
                     runner.backend.delete(runner.keys)
             print(round_trips(node, args.rounds), flush=True)
+            print(shm_ceiling(args.rounds), flush=True)
         finally:
             node_store.close()
             cpu_store.close()
@@ -191,6 +195,27 @@ def round_trips(node, rounds: int, calls: int = 300) -> str:
     node.delete([key])
     return "node tier, us per call on a warm connection (median of rounds, min-max): " + ", ".join(
         f"{name} {_spread(values)}" for name, values in per_call.items())
+
+
+def shm_ceiling(rounds: int, nbytes: int = 256 * MiB, piece: int = 16 * MiB) -> str:
+    """A copy out of a /dev/shm mapping against one out of anonymous memory, in this process: the
+    ceiling of a zero-copy get against the memcpy baseline (tmpfs may get no transparent huge pages)."""
+    with tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="kvtier-bench-") as file:
+        os.ftruncate(file.fileno(), nbytes)
+        with mmap.mmap(file.fileno(), nbytes) as mapping:
+            shm = np.frombuffer(mapping, np.uint8)
+            anon = np.empty(nbytes, np.uint8)
+            shm[:] = 3
+            anon[:] = 3
+            sink = np.zeros(piece, np.uint8)
+
+            def copy_all(src: np.ndarray) -> None:
+                for start in range(0, nbytes, piece):
+                    np.copyto(sink, src[start : start + piece])
+
+            ratios = [timed(partial(copy_all, anon)) / timed(partial(copy_all, shm)) for _ in range(rounds)]
+            del shm  # the mapping cannot close while a view of it lives
+    return f"copy out of /dev/shm / copy out of anonymous memory (16 MiB pieces, per round): {_spread(ratios)}"
 
 
 def _spread(values: list[float]) -> str:
