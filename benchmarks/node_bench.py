@@ -14,7 +14,8 @@ pools. Variants run interleaved, the order rotated every round, for ``--rounds``
 shared machine the noise is large, so each figure is the median of the rounds with its spread
 (min-max), and the ratios are computed per round (node / memcpy, node / cpu) and reported as their
 median and range. Last, the cost of one call on a warm connection (``contains``, and a 1 MiB ``get`` and
-``put``) in microseconds: the socket round trip that a single-chunk call pays on top of its copy; and
+``put``) in microseconds: the socket round trip that a single-chunk call pays on top of its copy, next to a
+bare echo between two Python processes on a Unix socket (the floor of any round trip on this machine); and
 how fast a copy out of ``/dev/shm`` runs against one out of anonymous memory (the zero-copy ceiling).
 
     python benchmarks/node_bench.py                        # starts its own kvtier server
@@ -27,6 +28,7 @@ import argparse
 import mmap
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -193,8 +195,40 @@ def round_trips(node, rounds: int, calls: int = 300) -> str:
         for name, call in calls_by_name.items():
             per_call[name].append(timed(lambda call=call: [call() for _ in range(calls)]) / calls * 1e6)
     node.delete([key])
+    per_call["bare echo"] = bare_echo(rounds, calls)
     return "node tier, us per call on a warm connection (median of rounds, min-max): " + ", ".join(
         f"{name} {_spread(values)}" for name, values in per_call.items())
+
+
+ECHO = """
+import os, socket, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+while data := sock.recv(65536):
+    sock.sendall(data)
+"""
+
+
+def bare_echo(rounds: int, calls: int) -> list[float]:
+    """Microseconds per round trip of a 40-byte message to a Python process that only echoes it, on a
+    Unix socket: the floor under any call to the server (two process wake-ups), measured here."""
+    ours, theirs = socket.socketpair()
+    child = subprocess.Popen([sys.executable, "-c", ECHO, str(theirs.fileno())], pass_fds=[theirs.fileno()])
+    theirs.close()
+    message = b"x" * 40
+
+    def echo() -> None:
+        ours.sendall(message)
+        got = 0
+        while got < len(message):
+            got += len(ours.recv(65536))
+
+    try:
+        for _ in range(calls):
+            echo()  # the child has started and is warm
+        return [timed(lambda: [echo() for _ in range(calls)]) / calls * 1e6 for _ in range(rounds)]
+    finally:
+        ours.close()
+        child.wait(10)
 
 
 def shm_ceiling(rounds: int, nbytes: int = 256 * MiB, piece: int = 16 * MiB) -> str:

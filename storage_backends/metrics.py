@@ -44,50 +44,66 @@ class MetricSet:
 
 
 class TierMetrics:
-    """The metrics of one tier: a thin, typed facade over a shared :class:`MetricSet`."""
+    """The metrics of one tier: a thin, typed facade over a shared :class:`MetricSet`.
+
+    The tier's labelled children are looked up once: ``labels()`` costs microseconds per call, which
+    a node-tier lookup (a 60 us round trip) would otherwise pay four times."""
 
     def __init__(self, tier: str, metric_set: MetricSet | None = None) -> None:
         self.tier = tier
-        self.set = metric_set or MetricSet()
+        self.set = s = metric_set or MetricSet()
+        self._lookups = s.lookups.labels(tier)
+        self._lookup_keys = s.lookup_keys.labels(tier)
+        self._lookup_hits = s.lookup_hits.labels(tier)
+        self._lookup_timeouts = s.lookup_timeouts.labels(tier)
+        self._get_hits = s.get_hits.labels(tier)
+        self._get_misses = s.get_misses.labels(tier)
+        self._bytes_read = s.bytes_read.labels(tier)
+        self._bytes_written = s.bytes_written.labels(tier)
+        self._stored = s.stored.labels(tier)
+        self._skipped = s.skipped.labels(tier)
+        self._evictions = s.evictions.labels(tier)
+        self._evicted_bytes = s.evicted_bytes.labels(tier)
+        self._corrupt = s.corrupt.labels(tier)
+        self._used_bytes = s.used_bytes.labels(tier)
+        self._used_chunks = s.used_chunks.labels(tier)
+        self._latency = {op: s.latency.labels(tier, op) for op in ("contains", "get", "put")}
 
     def lookup(self, asked: int, hits: int, seconds: float) -> None:
-        s, t = self.set, self.tier
-        s.lookups.labels(t).inc()
-        s.lookup_keys.labels(t).inc(asked)
-        s.lookup_hits.labels(t).inc(hits)
-        s.latency.labels(t, "contains").observe(seconds)
+        self._lookups.inc()
+        self._lookup_keys.inc(asked)
+        self._lookup_hits.inc(hits)
+        self._latency["contains"].observe(seconds)
 
     def lookup_timeout(self) -> None:
         """A lookup treated this tier as a miss: it overran the lookup budget or was skipped meanwhile."""
-        self.set.lookup_timeouts.labels(self.tier).inc()
+        self._lookup_timeouts.inc()
 
     def got(self, hits: int, misses: int, nbytes: int, seconds: float) -> None:
-        s, t = self.set, self.tier
-        s.get_hits.labels(t).inc(hits)
-        s.get_misses.labels(t).inc(misses)
-        s.bytes_read.labels(t).inc(nbytes)
-        s.latency.labels(t, "get").observe(seconds)
+        self._get_hits.inc(hits)
+        self._get_misses.inc(misses)
+        self._bytes_read.inc(nbytes)
+        self._latency["get"].observe(seconds)
 
     def put(self, stored: int, skipped: int, nbytes: int, seconds: float) -> None:
-        s, t = self.set, self.tier
-        s.stored.labels(t).inc(stored)
-        s.skipped.labels(t).inc(skipped)
-        s.bytes_written.labels(t).inc(nbytes)
-        s.latency.labels(t, "put").observe(seconds)
+        self._stored.inc(stored)
+        self._skipped.inc(skipped)
+        self._bytes_written.inc(nbytes)
+        self._latency["put"].observe(seconds)
 
     def error(self, op: str, count: int = 1) -> None:
         self.set.errors.labels(self.tier, op).inc(count)
 
     def evicted(self, chunks: int, nbytes: int) -> None:
-        self.set.evictions.labels(self.tier).inc(chunks)
-        self.set.evicted_bytes.labels(self.tier).inc(nbytes)
+        self._evictions.inc(chunks)
+        self._evicted_bytes.inc(nbytes)
 
     def corrupt_chunk(self, count: int = 1) -> None:
-        self.set.corrupt.labels(self.tier).inc(count)
+        self._corrupt.inc(count)
 
     def usage(self, nbytes: int, chunks: int) -> None:
-        self.set.used_bytes.labels(self.tier).set(nbytes)
-        self.set.used_chunks.labels(self.tier).set(chunks)
+        self._used_bytes.set(nbytes)
+        self._used_chunks.set(chunks)
 
     def snapshot(self) -> dict[str, float]:
         """Current values by short name, e.g. ``{"get_hits": 3.0, "errors": 1.0, ...}``."""

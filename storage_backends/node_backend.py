@@ -60,6 +60,7 @@ class _Skip(Exception):
 @dataclass(eq=False)
 class _Session:
     sock: socket.socket
+    reader: proto.FrameReader
     segments: SegmentMap
     holds: int = 0  # leases of zero-copy views not yet handed back (changed with the lock held)
     writes: int = 0  # puts copying into slots this connection reserved (changed with the lock held)
@@ -283,9 +284,9 @@ class NodeBackend(StorageBackend):
                     raise _Skip
                 deadline = time.monotonic() + self.op_timeout_s
                 try:
-                    self._flush_releases(deadline)
-                    proto.send(current.sock, message, deadline)
-                    reply = proto.recv(current.sock, deadline)
+                    request = proto.pack(message)
+                    proto.send_frames(current.sock, self._release_frame() + request, deadline)
+                    reply = current.reader.read(deadline)
                     if reply is None:
                         raise ConnectionResetError("the node server closed the connection")
                     if reply.get("ok") is not True:
@@ -310,8 +311,8 @@ class NodeBackend(StorageBackend):
                     return False
                 deadline = time.monotonic() + self.op_timeout_s
                 try:
-                    self._flush_releases(deadline)
-                    proto.send(session.sock, message, deadline)
+                    request = proto.pack(message)
+                    proto.send_frames(session.sock, self._release_frame() + request, deadline)
                 except (OSError, TimeoutError, proto.ProtocolError) as exc:
                     self._fail(exc)
                     return False
@@ -345,9 +346,16 @@ class NodeBackend(StorageBackend):
                 self._lock.release()
 
     def _flush_releases(self, deadline: float | None = None) -> None:
-        """Send the holds whose views are gone (lock held): one one-way ``release`` on the live
-        connection; a set-aside connection is closed once its last hold and copy are over (the
-        server then frees it all). Raises the send's error for the caller to handle as its own."""
+        """Send the holds whose views are gone now (lock held), one-way; raises the send's error."""
+        frame = self._release_frame()
+        if frame:
+            deadline = deadline if deadline is not None else time.monotonic() + self.op_timeout_s
+            proto.send_frames(self._session.sock, frame, deadline)
+
+    def _release_frame(self) -> bytes:
+        """The ``release`` frame for the holds whose views are gone, to send ahead of the next request
+        (lock held; empty when there is none); a set-aside connection is closed once its last hold
+        and copy are over (the server then frees it all)."""
         leases: list[int] = []
         while self._released:
             session, lease = self._released.popleft()
@@ -360,9 +368,9 @@ class NodeBackend(StorageBackend):
             if session.parked and session.holds <= 0 and session.writes <= 0:
                 session.sock.close()
                 self._parked.remove(session)
-        if leases and self._session is not None:
-            deadline = deadline if deadline is not None else time.monotonic() + self.op_timeout_s
-            proto.send(self._session.sock, {"op": proto.RELEASE, "leases": leases}, deadline)
+        if not leases or self._session is None:
+            return b""
+        return proto.pack({"op": proto.RELEASE, "leases": leases})
 
     def _locked(self) -> _LockedFor:
         return _LockedFor(self._lock, self.op_timeout_s)
@@ -384,8 +392,9 @@ class NodeBackend(StorageBackend):
             sock.settimeout(self.connect_timeout_s)
             sock.connect(self.socket_path)
             deadline = time.monotonic() + self.op_timeout_s
+            reader = proto.FrameReader(sock)
             proto.send(sock, {"op": proto.HELLO}, deadline)
-            hello = proto.recv(sock, deadline)
+            hello = reader.read(deadline)
             if not isinstance(hello, dict) or hello.get("ok") is not True:
                 raise proto.ProtocolError("no hello from the node server")
             segments = self._segments
@@ -398,7 +407,7 @@ class NodeBackend(StorageBackend):
         if self._segments is not None and self._segments is not segments:
             self._segments.retire()
         self._segments = segments
-        self._session = _Session(sock, segments)
+        self._session = _Session(sock, reader, segments)
         if self._down:
             self._down = False
             log.info("kvtier: node tier %r: the server at %s is reachable again (server %s)",

@@ -86,27 +86,97 @@ def pack(message: dict[str, Any]) -> bytes:
 
 def send(sock: socket.socket, message: dict[str, Any], deadline: float | None = None) -> None:
     """Send one frame; with a deadline (``time.monotonic()``) the whole send is bounded by it."""
+    send_frames(sock, pack(message), deadline)
+
+
+def send_frames(sock: socket.socket, frames: bytes, deadline: float | None = None) -> None:
+    """Send packed frames in one ``sendall`` (one wake-up of the peer for a release and a request)."""
     if deadline is not None:
         sock.settimeout(_remaining(deadline))
-    sock.sendall(pack(message))
+    sock.sendall(frames)
+
+
+def send_now(sock: socket.socket, message: dict[str, Any], timeout_s: float) -> None:
+    """Send one frame, trying first without waiting (a small answer fits the socket buffer, and a
+    blocking socket stays blocking: no system calls to switch modes); the rest within ``timeout_s``."""
+    frame = pack(message)
+    try:
+        sent = sock.send(frame, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(frame):
+        send_frames(sock, frame[sent:], time.monotonic() + timeout_s)
 
 
 def recv(sock: socket.socket, deadline: float | None = None, body_timeout_s: float | None = None) -> dict | None:
     """One frame's message, or None on a clean end of stream before a frame began.
 
-    ``deadline`` bounds the whole frame (a client waiting for its answer); without one the wait for
-    a frame is unbounded (a server's idle connection) and ``body_timeout_s`` bounds the rest once
-    the header arrived, so a peer that stalls mid-frame cannot hold the connection's thread forever.
+    Reads exactly one frame, so it may be mixed with other reads of the socket; a connection that
+    carries many frames reads them with a :class:`FrameReader` (fewer system calls). ``deadline``
+    bounds the whole frame (a client waiting for its answer); without one the wait for a frame is
+    unbounded (a server's idle connection) and ``body_timeout_s`` bounds the rest once the header
+    arrived, so a peer that stalls mid-frame cannot hold the connection's thread forever.
     """
     header = _recv_exact(sock, HEADER.size, deadline, allow_eof=True)
     if header is None:
         return None
+    length = _frame_length(header)
+    if deadline is None and body_timeout_s is not None:
+        deadline = time.monotonic() + body_timeout_s
+    return _decode(_recv_exact(sock, length, deadline))
+
+
+class FrameReader:
+    """The frames of one connection, read in as few ``recv`` calls as the peer's writes allow.
+
+    A frame usually arrives whole in one read, and a release sent with the next request arrives
+    with it; bytes past the frame returned stay buffered for the next call. Bounds as :func:`recv`.
+    Only this reader may read the socket once it has read from it.
+    """
+
+    READ_BYTES = 65536
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buffer = bytearray()
+        self._scratch = bytearray(self.READ_BYTES)
+
+    def read(self, deadline: float | None = None, body_timeout_s: float | None = None) -> dict | None:
+        while True:
+            message = self._next()
+            if message is not None:
+                return message
+            if self._buffer and deadline is None and body_timeout_s is not None:
+                deadline = time.monotonic() + body_timeout_s  # a frame has begun: it must end in time
+            timeout = None if deadline is None else _remaining(deadline)
+            if timeout is not None or self.sock.gettimeout() is not None:
+                self.sock.settimeout(timeout)  # a system call: spared for a server's idle wait
+            count = self.sock.recv_into(self._scratch)
+            if count == 0:
+                if not self._buffer:
+                    return None
+                raise ConnectionResetError("node connection closed mid-frame")
+            self._buffer += memoryview(self._scratch)[:count]
+
+    def _next(self) -> dict | None:
+        if len(self._buffer) < HEADER.size:
+            return None
+        end = HEADER.size + _frame_length(bytes(self._buffer[: HEADER.size]))
+        if len(self._buffer) < end:
+            return None
+        body = bytes(self._buffer[HEADER.size : end])
+        del self._buffer[:end]
+        return _decode(body)
+
+
+def _frame_length(header: bytes) -> int:
     (length,) = HEADER.unpack(header)
     if length == 0 or length > MAX_FRAME:
         raise ProtocolError(f"frame length {length} out of range (1..{MAX_FRAME})")
-    if deadline is None and body_timeout_s is not None:
-        deadline = time.monotonic() + body_timeout_s
-    body = _recv_exact(sock, length, deadline)
+    return length
+
+
+def _decode(body: bytes) -> dict:
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several types for garbage

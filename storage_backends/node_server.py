@@ -20,7 +20,6 @@ import os
 import signal
 import socketserver
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -88,15 +87,15 @@ class _Connection(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         server, sock = self.server, self.request
         owner = server.opened()
+        reader = proto.FrameReader(sock)
         try:
             while True:
-                sock.settimeout(None)  # an idle client may wait as long as it likes
-                message = proto.recv(sock, body_timeout_s=BODY_TIMEOUT_S)
+                message = reader.read(body_timeout_s=BODY_TIMEOUT_S)  # an idle client may wait as long as it likes
                 if message is None:
                     return
                 reply = handle_request(server.pool, owner, message, server.hello, server.extra_stats)
                 if reply is not None:
-                    proto.send(sock, reply, deadline=time.monotonic() + SEND_TIMEOUT_S)
+                    proto.send_now(sock, reply, SEND_TIMEOUT_S)
         except proto.ProtocolError as exc:
             log.warning("kvtier server: closing connection %d: %s", owner, exc)
         except (OSError, TimeoutError):

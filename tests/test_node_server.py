@@ -300,6 +300,52 @@ def test_absurd_sizes_are_refused_not_fatal(server: NodeServerProcess) -> None:
         assert _ask(sock, proto.GET, keys=["x" * proto.MAX_KEY_LEN])["entries"] == [None]
 
 
+def test_frame_reader_splits_joined_frames_and_joins_split_ones() -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        reader = proto.FrameReader(ours)
+        first, second = proto.pack({"op": "a"}), proto.pack({"op": "b", "keys": ["k" * 200] * 300})
+        peer.sendall(first + second[:7])  # one frame and the start of the next in one write
+        assert reader.read(time.monotonic() + 5) == {"op": "a"}
+        for i in range(7, len(second), 4096):
+            peer.sendall(second[i : i + 4096])
+        assert reader.read(time.monotonic() + 5)["op"] == "b"
+        peer.sendall(first[:3])
+        with pytest.raises(TimeoutError):
+            reader.read(body_timeout_s=0.2)  # a frame begun and not finished in time
+        peer.close()
+        with pytest.raises(ConnectionResetError):
+            reader.read(time.monotonic() + 5)  # the stream ends mid-frame
+
+
+def test_frame_reader_clean_end_deadline_and_bad_length() -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        reader = proto.FrameReader(ours)
+        with pytest.raises(TimeoutError):
+            reader.read(time.monotonic() + 0.1)  # nothing comes
+        peer.sendall(proto.HEADER.pack(proto.MAX_FRAME + 1))
+        with pytest.raises(proto.ProtocolError, match="out of range"):
+            reader.read(time.monotonic() + 5)
+    ours, peer = socket.socketpair()
+    with ours:
+        peer.close()
+        assert proto.FrameReader(ours).read(time.monotonic() + 5) is None  # closed between frames
+
+
+def test_requests_in_one_write_are_answered_in_order(server: NodeServerProcess) -> None:
+    with _connect(server.socket_path) as sock:
+        _ask(sock, proto.RESERVE, items=[["joined", 100]])
+        _ask(sock, proto.COMMIT, keys=["joined"])
+        lease = _ask(sock, proto.GET, keys=["joined"], hold=True)["lease"]
+        sock.sendall(proto.pack({"op": proto.RELEASE, "leases": [lease]})  # one-way: no answer
+                     + proto.pack({"op": proto.CONTAINS, "keys": ["joined", "absent"]})
+                     + proto.pack({"op": proto.STATS}))
+        reader = proto.FrameReader(sock)
+        assert reader.read(time.monotonic() + 5)["count"] == 1
+        assert reader.read(time.monotonic() + 5)["stats"]["leases"] == 0  # the release came first
+
+
 def test_a_stalled_half_frame_does_not_block_others(server: NodeServerProcess) -> None:
     with _connect(server.socket_path) as stalled:
         stalled.sendall(proto.HEADER.pack(100) + b"\x81")  # a header and one byte, then nothing
