@@ -1,14 +1,17 @@
 """kvtier under real traffic: an OpenAI server (``vllm serve``) driven by vLLM's own load generator
 (``vllm bench serve``), with and without kvtier, on the same model and cores.
 
-Variants: **baseline** (plain ``vllm serve``, vLLM's own prefix cache on, as by default) and
-**kvtier** (the same plus ``--kv-transfer-config`` with ``KVTierConnector`` and kvtier's default
-tiers, cpu over disk, the disk folder in this run's work folder; ``vllm serve`` runs its worker in a
-process of its own, so kvtier's scheduler looks up in the disk tier and the cpu tier is the worker's
-read cache, as kvtier logs at start-up). Workloads (``--workloads``):
+Variants (``--variants``): **baseline** (plain ``vllm serve``, vLLM's own prefix cache on, as by
+default), **kvtier-always** (the same plus ``--kv-transfer-config`` with ``KVTierConnector`` and
+kvtier's default config: tiers cpu over disk, the disk folder in this run's work folder, ``save_policy:
+always``, every prompt stored) and **kvtier-on-reuse** (the same with ``save_policy: on_reuse``: a
+chunk stored once an earlier request shared it). ``vllm serve`` runs its worker in a process of its own, so kvtier's scheduler looks up in the
+disk tier and the cpu tier is the worker's read cache, as kvtier logs at start-up. Each kvtier
+variant has a store of its own. Workloads (``--workloads``):
 
-- **no-reuse**: random prompts of ``--input-len`` tokens that share nothing; each run has a seed of
-  its own, so nothing that kvtier stored earlier can hit: what kvtier's lookups and stores cost;
+- **no-reuse**: random prompts of ``--input-len`` tokens that share nothing, each run with a seed and
+  an empty store of its own (the model's small vocabulary makes vLLM's random prompts recur across
+  runs now and then): what kvtier's lookups and stores cost;
 - **shared-prefix**: random prompts that start with one common ``--prefix-len``-token prefix (a
   system prompt), the rest random; a fresh server each time, so the first requests compute it;
 - **restart**: a fresh server, the shared-prefix run's prompts again; the kvtier server starts over
@@ -21,8 +24,8 @@ warm-up request of 24 tokens), then one ``vllm bench serve`` (``--dataset-name r
 round runs every workload with baseline and kvtier alternately, the order rotating per round. The
 tables show per round requests/s, output tokens/s, mean and median TTFT, prompt tokens from vLLM's
 prefix cache and from kvtier (the server's ``/metrics`` counters, the warm-up left out), the chunks
-in kvtier's disk folder after the run (all runs so far), and the kvtier / baseline ratios per round
-and their median. A run during which other processes used more than ``NOISY`` cores is
+in the variant's disk folder after the run, the CPU seconds per request of the server's processes,
+and each kvtier variant's ratios to the baseline per round and their median. A run during which other processes used more than ``NOISY`` cores is
 flagged (``*``). The model is ``ttft_bench.py``'s random float32 Llama, built once into ``--model-dir``;
 the engine's OpenMP threads are bound as there (``VLLM_CPU_OMP_THREADS_BIND``). Exits non-zero if
 a server does not come up, a request fails, or the kvtier restart run loads nothing from kvtier.
@@ -34,6 +37,7 @@ a server does not come up, a request fails, or the kvtier restart run loads noth
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -57,6 +61,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+from engine_profile import GroupProfile, summarize  # noqa: E402
 from ttft_bench import BLOCK, CHILD_ENV, CHUNK, NOISY, SETTLE_S, cpu_busy_s, machine, wait_for_quiet  # noqa: E402
 
 from kvtier.connector.config import default_config_text  # noqa: E402
@@ -64,7 +69,8 @@ from kvtier.storage_backends.disk_backend import summarize_disk  # noqa: E402
 from kvtier.tiny_model import BENCH_SPEC, make_tiny_llama, prompt_text  # noqa: E402
 
 LAUNCHER = Path(__file__).resolve().parents[1] / "examples" / "vllm_serve.py"
-VARIANTS = ("baseline", "kvtier")
+VARIANTS = ("baseline", "kvtier-always", "kvtier-on-reuse")
+SAVE_POLICY = {"kvtier-always": "always", "kvtier-on-reuse": "on_reuse"}
 WORKLOADS = ("no-reuse", "shared-prefix", "restart")
 # The engine as ttft_bench runs it, but with vLLM's engine-core process as ``vllm serve`` has it.
 SERVER_ENV = {k: v for k, v in CHILD_ENV.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
@@ -98,6 +104,7 @@ class Run:
     foreign_s: float  # CPU seconds other processes used while the client ran
     wall_s: float  # the client's wall time
     store_chunks: int | None  # chunks in kvtier's disk folder after the run (kvtier only)
+    server_cpu_s: float = 0.0  # CPU seconds the server's processes used while the client ran
 
     @property
     def noisy(self) -> bool:
@@ -206,15 +213,19 @@ def counters(port: int) -> dict[str, float]:
 
 # -- one run --------------------------------------------------------------------------------------
 
-def kvtier_transfer_config(work: Path) -> dict[str, Any]:
-    """``--kv-transfer-config`` for kvtier: its default tiers (cpu over disk), the disk tier in ``work``."""
+def kvtier_transfer_config(work: Path, store: Path, save_policy: str | None = None,
+                           name: str = "kvtier") -> dict[str, Any]:
+    """``--kv-transfer-config`` for kvtier: its default config (cpu over disk), the disk tier in ``store``,
+    ``save_policy`` if given; the YAML written into ``work`` as ``<name>.yaml``."""
     config = yaml.safe_load(default_config_text())
     for tier in config["tiers"]:
         if tier["type"] == "disk":
-            tier["path"] = str(work / "store")
+            tier["path"] = str(store)
+    if save_policy is not None:
+        config["save_policy"] = save_policy
     if config["chunk_size"] != CHUNK:
         raise BenchError(f"kvtier's default chunk_size is {config['chunk_size']}, this benchmark assumes {CHUNK}")
-    path = work / "kvtier.yaml"
+    path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.connector.vllm",
             "kv_role": "kv_both", "kv_connector_extra_config": {"config": str(path)}}
@@ -264,7 +275,9 @@ def one_run(args: argparse.Namespace, model: Path, work: Path, workload: str, rn
     print(f"  round {rnd}: {workload}, {variant} (seed {seed}) ...", file=sys.stderr, flush=True)
     port, logs = free_port(), work / "logs"
     server_log, client_log, result = logs / f"{name}.server.log", logs / f"{name}.client.log", work / f"{name}.json"
-    kv = kvtier_transfer_config(work) if variant == "kvtier" else None
+    # no-reuse: an empty store per run; shared-prefix and restart: one store per variant, kept between them
+    store = work / (f"store-{name}" if workload == "no-reuse" else f"store-{variant}")
+    kv = kvtier_transfer_config(work, store, SAVE_POLICY[variant], variant) if variant != "baseline" else None
     max_len = args.input_len + args.output_len + 64  # room for a prompt that re-tokenizes longer
     with serving(server_argv(model, port, max_len, kv), port, server_log, args.server_timeout) as proc:
         warmup = {"model": str(model), "prompt": prompt_text(24, seed=1, vocab=BENCH_SPEC.vocab), "max_tokens": 1}
@@ -275,15 +288,20 @@ def one_run(args: argparse.Namespace, model: Path, work: Path, workload: str, rn
         before = counters(port)
         busy, server_cpu, own, began = cpu_busy_s(), group_cpu_s(proc.pid), sum(os.times()[:2]), time.monotonic()
         client_cpu = _children_cpu_s()
-        data = run_client(client_argv(args, model, port, workload, seed, result), result, client_log, server_log,
-                          args.client_timeout)
+        with GroupProfile(proc.pid, work / "profiles", name) if args.profile else contextlib.nullcontext():
+            data = run_client(client_argv(args, model, port, workload, seed, result), result, client_log, server_log,
+                              args.client_timeout)
         wall = time.monotonic() - began
-        ours = (group_cpu_s(proc.pid) - server_cpu) + (_children_cpu_s() - client_cpu) + (sum(os.times()[:2]) - own)
+        server_used = group_cpu_s(proc.pid) - server_cpu
+        ours = server_used + (_children_cpu_s() - client_cpu) + (sum(os.times()[:2]) - own)
         foreign = max(0.0, cpu_busy_s() - busy - ours)
         after = counters(port)
         time.sleep(SETTLE_S)  # kvtier's background writes land before the server stops (it flushes too)
-    chunks = summarize_disk(work / "store").chunks if kv and (work / "store").is_dir() else None
-    run = Run(workload, rnd, variant, seed, data, {k: after[k] - before[k] for k in HITS}, foreign, wall, chunks)
+    chunks = summarize_disk(store).chunks if kv and store.is_dir() else None
+    if workload == "no-reuse":
+        shutil.rmtree(store, ignore_errors=True)
+    run = Run(workload, rnd, variant, seed, data, {k: after[k] - before[k] for k in HITS}, foreign, wall, chunks,
+              server_used)
     print(f"    {data['completed']} requests, {data['request_throughput']:.3f} req/s, mean TTFT "
           f"{data['mean_ttft_ms']:.0f} ms, hits local {run.hits['local']:.0f} / kvtier {run.hits['kvtier']:.0f} "
           f"tokens", file=sys.stderr, flush=True)
@@ -296,11 +314,13 @@ def _children_cpu_s() -> float:
 
 
 def measure(args: argparse.Namespace, model: Path, work: Path) -> list[Run]:
-    """Every round: every workload (in ``WORKLOADS`` order), baseline and kvtier, order rotating per round."""
+    """Every round: every workload (in ``WORKLOADS`` order), every variant, the order rotating per round."""
     workloads = [w for w in WORKLOADS if w in args.workloads]
+    variants = [v for v in VARIANTS if v in args.variants]
     runs = []
     for rnd in range(args.rounds):
-        order = VARIANTS[rnd % 2:] + VARIANTS[:rnd % 2]
+        shift = rnd % len(variants)
+        order = variants[shift:] + variants[:shift]
         for workload in workloads:
             runs += [one_run(args, model, work, workload, rnd, variant) for variant in order]
     return runs
@@ -311,28 +331,31 @@ def measure(args: argparse.Namespace, model: Path, work: Path) -> list[Run]:
 def run_table(runs: list[Run]) -> list[str]:
     """One row per run: the client's figures and where the prompt tokens came from."""
     head = ["round", "variant", "seed", *(label for _, label, _ in METRICS), "done / failed",
-            "prompt tok", "vLLM prefix-cache tok", "kvtier tok", "store chunks"]
+            "prompt tok", "vLLM prefix-cache tok", "kvtier tok", "store chunks", "server CPU s / req"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in sorted(runs, key=lambda r: (r.round, VARIANTS.index(r.variant))):
         data = run.result
         cells = [str(run.round), run.variant + (" *" if run.noisy else ""), str(run.seed),
                  *(format(data[key], fmt) for key, _, fmt in METRICS), f"{data['completed']} / {data['failed']}",
                  str(data["total_input_tokens"]), f"{run.hits['local']:.0f}", f"{run.hits['kvtier']:.0f}",
-                 "-" if run.store_chunks is None else str(run.store_chunks)]
+                 "-" if run.store_chunks is None else str(run.store_chunks),
+                 f"{run.server_cpu_s / max(1, data['completed']):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def ratio_table(runs: list[Run]) -> list[str]:
-    """kvtier / baseline per metric: one column per round, then the median over rounds."""
+    """Each kvtier variant / baseline per metric: one column per round, then the median over rounds."""
     by = {(r.round, r.variant): r for r in runs}
-    rounds = sorted({r.round for r in runs if (r.round, "baseline") in by and (r.round, "kvtier") in by})
-    lines = ["| kvtier / baseline | " + " | ".join(f"round {r}" for r in rounds) + " | median |",
+    rounds = sorted({r.round for r in runs})
+    lines = ["| ratio | " + " | ".join(f"round {r}" for r in rounds) + " | median |",
              "|---|" + "---|" * (len(rounds) + 1)]
-    for key, label, _ in METRICS:
-        ratios = [by[(r, "kvtier")].result[key] / by[(r, "baseline")].result[key] for r in rounds]
-        cells = [f"{x:.3f}" for x in ratios] + [f"**{statistics.median(ratios):.3f}**" if ratios else "-"]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for variant in (v for v in VARIANTS[1:] if any(r.variant == v for r in runs)):
+        for key, label, _ in METRICS:
+            pairs = [(by[(r, variant)], by[(r, "baseline")]) for r in rounds if (r, variant) in by and (r, "baseline") in by]
+            ratios = [a.result[key] / b.result[key] for a, b in pairs]
+            cells = [f"{x:.3f}" for x in ratios] + [f"**{statistics.median(ratios):.3f}**" if ratios else "-"]
+            lines.append(f"| {variant} / baseline: {label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -357,8 +380,8 @@ def report(args: argparse.Namespace, runs: list[Run]) -> str:
 def checks(runs: list[Run]) -> tuple[list[str], list[str]]:
     """FAIL lines (a kvtier restart run that loaded nothing from kvtier) and WARN lines (kvtier hits
     where nothing can hit, kvtier hits in a baseline, runs other processes disturbed)."""
-    fails = [f"FAIL: round {r.round}, restart: the kvtier server loaded no prompt token from kvtier"
-             for r in runs if r.workload == "restart" and r.variant == "kvtier" and r.hits["kvtier"] <= 0]
+    fails = [f"FAIL: round {r.round}, restart: the {r.variant} server loaded no prompt token from kvtier"
+             for r in runs if r.workload == "restart" and r.variant != "baseline" and r.hits["kvtier"] <= 0]
     warns = [f"WARN: round {r.round}, {r.workload}, {r.variant}: {r.hits['kvtier']:.0f} tokens from kvtier"
              for r in runs if r.hits["kvtier"] > 0 and (r.variant == "baseline" or r.workload != "restart")]
     warns += [f"WARN: round {r.round}, {r.workload}, {r.variant}: other processes used {r.foreign_s:.1f} CPU s "
@@ -377,10 +400,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (--max-concurrency)")
     parser.add_argument("--rounds", type=int, default=3, help="repetitions; baseline/kvtier order rotates")
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="baseline is always run (the ratios' denominator)")
     parser.add_argument("--seed", type=int, default=0, help="base of the per-run dataset seeds")
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "kvtier-ttft-llama",
                         help="where the random Llama is built (once; shared with ttft_bench.py)")
     parser.add_argument("--work-dir", type=Path, help="logs and result JSON (default: a new temporary folder, kept)")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy every server process during each client run (engine_profile.py)")
     parser.add_argument("--server-timeout", type=float, default=600, help="seconds for a server to come up")
     parser.add_argument("--client-timeout", type=float, default=1800, help="seconds for one vllm bench serve")
     args = parser.parse_args()
@@ -390,6 +417,8 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--input-len + --output-len must stay below {BENCH_SPEC.max_positions - 64}")
     if "restart" in args.workloads and "shared-prefix" not in args.workloads:
         parser.error("the restart workload reuses the store of the shared-prefix runs: add shared-prefix")
+    if "baseline" not in args.variants:
+        args.variants = ["baseline", *args.variants]
     if min(args.num_prompts, args.output_len, args.concurrency, args.rounds) < 1:
         parser.error("--num-prompts, --output-len, --concurrency and --rounds must be >= 1")
     return args
@@ -404,7 +433,7 @@ def main() -> None:
     print(f"# serve_bench on {machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n# command: python "
           f"{' '.join(sys.argv)}\n# model: random Llama {BENCH_SPEC}, float32; vLLM block {BLOCK}, kvtier chunk "
           f"{CHUNK}; env {env}\n# server: vllm serve MODEL {' '.join(SERVER_ARGS)} (prefix caching: vLLM's "
-          f"default, on); kvtier: its default tiers cpu + disk (disk in the work folder)\n# client: vllm bench "
+          f"default, on); kvtier-*: kvtier's default config, tiers cpu + disk (disk in the work folder), save_policy always or on_reuse\n# client: vllm bench "
           f"serve --backend vllm --dataset-name random --ignore-eos --temperature 0; logs and results in {work}",
           flush=True)
     model = make_tiny_llama(args.model_dir, BENCH_SPEC)
@@ -412,12 +441,15 @@ def main() -> None:
     try:
         runs = measure(args, model, work)
     finally:
-        shutil.rmtree(work / "store", ignore_errors=True)
+        for store in work.glob("store-*"):
+            shutil.rmtree(store, ignore_errors=True)
     print(report(args, runs))
     fails, warns = checks(runs)
     print("\n".join(warns) or f"noise: other processes used < {NOISY} cores in every run; no unexpected kvtier hits")
     restart = "; the kvtier restart runs loaded from kvtier" if "restart" in args.workloads else ""
     print("\n".join(fails) or f"checks: every request completed{restart}")
+    if args.profile:
+        print("\n".join(summarize(path) for path in sorted((work / "profiles").glob("*.txt"))))
     print(f"total {time.monotonic() - began:.0f} s for {len(runs)} runs")
     sys.exit(1 if fails else 0)
 

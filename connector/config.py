@@ -115,6 +115,9 @@ class KVTierConfig(_Strict):
     tiers: list[TierConfig] = Field(min_length=1)  # each validated by its registered type
     write_policy: Literal["write_through", "top_only"] = "write_through"
     load_mode: Literal["sync", "async"] = "sync"  # async: the engine parks a request while its KV loads
+    # always: vLLM saves every chunk; on_reuse: only once an earlier request shared it (connector/admission.py)
+    save_policy: Literal["always", "on_reuse"] = "always"
+    reuse_memory_chunks: int = Field(default=1 << 18, ge=1, le=1 << 26)  # chunk digests on_reuse remembers
     namespace: str = ""  # tenant / cache salt: separates caches that share a store
     model_id: str | None = None  # names the model in keys; default: the engine's model name or path
     max_pending_writes: int = Field(default=64, ge=1, le=1 << 16)  # batches queued for lower tiers

@@ -10,7 +10,8 @@ the tokens. Rules:
   but never the last prompt token (the engine must compute at least one to sample from).
 - A stored partial tail chunk counts only for a request with exactly those tokens, so a repeated
   prompt (or a decode instance) loads all but one token.
-- Every chunk the store does not hold yet is saved once its tokens are computed; the partial tail
+- Every chunk the store does not hold yet, and that the save policy admits (``admission``: all, or
+  only chunks an earlier request shared), is saved once its tokens are computed; the partial tail
   once the whole prompt is.
 - A finished request that had saves keeps its blocks until the workers report the saves copied
   (:meth:`RequestPlanner.finished` says so), so a copy still running on a side stream never
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .admission import SaveAdmission, SaveAll
 from .shards import PromptChain
 
 
@@ -74,6 +76,7 @@ class _Request:
     salt: str
     block_ids: list[int] = field(default_factory=list)
     saved_chunks: int = 0  # leading chunks the store holds or that were sent for saving
+    admitted_chunks: int = 0  # leading chunks the save policy lets this request save
     load_tokens: int = 0  # external tokens granted at allocation, to load in the next step
     save_planned: bool = False  # a save was sent to the workers: its blocks wait for the copy at finish
 
@@ -82,10 +85,11 @@ class RequestPlanner:
     """Tracks requests between scheduler calls; ``lookup(chain, salt)`` = leading tokens held."""
 
     def __init__(self, chunk_size: int, lookup: Callable[[PromptChain, str], int], save: bool = True,
-                 load: bool = True, async_loads: bool = False) -> None:
+                 load: bool = True, async_loads: bool = False, admission: SaveAdmission | None = None) -> None:
         self.chunk_size = chunk_size
         self._lookup = lookup
         self._save = save
+        self._admission = admission or SaveAll()
         self._load = load
         self.async_loads = async_loads
         self._requests: dict[str, _Request] = {}
@@ -113,8 +117,10 @@ class RequestPlanner:
         ``num_external`` tokens come from kvtier."""
         held, local = self._held.pop(req_id, (0, 0))
         req = self._requests.get(req_id)
-        if req is None:
+        if req is None:  # once per request: a preempted one that resumes is not a second sighting
             req = self._requests[req_id] = _Request(chain, salt)
+            if self._save:
+                req.admitted_chunks = self._admission.admitted(chain.digests, salt)
         prompt = chain.num_tokens
         stored = held // self.chunk_size + (1 if held == prompt and held % self.chunk_size else 0)
         req.saved_chunks = max(req.saved_chunks, stored)
@@ -167,6 +173,7 @@ class RequestPlanner:
         prompt = req.chain.num_tokens
         done = min(computed, prompt)
         ready = self.chunks_of(done) if done == prompt else done // self.chunk_size
+        ready = min(ready, req.admitted_chunks)
         if ready > req.saved_chunks:
             end = min(prompt, ready * self.chunk_size)
             plan.saves.append(TransferSpec(req_id, list(req.chain.digests[req.saved_chunks : ready]), end,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from .admission import SaveAdmission, SaveAll, SaveOnReuse
 from .engine_setup import EngineSetup, StoreLease
 from .planner import RequestPlanner, StepPlan
 from .shards import PromptChain, ShardSet
@@ -38,6 +39,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def save_admission(setup: EngineSetup, role: str | None, active: bool) -> SaveAdmission:
+    """The configured save policy; a prefill instance (``kv_producer``) saves everything."""
+    if setup.config.save_policy == "always" or role == "kv_producer":
+        return SaveAll()
+    if active:
+        log.info("kvtier: save_policy on_reuse: a chunk is stored once an earlier request shared it (a one-off "
+                 "prompt is never stored); set save_policy: always to store every prompt at once")
+    return SaveOnReuse(setup.config.reuse_memory_chunks)
+
+
 class KVTierScheduler:
     """kvtier in vLLM's scheduler process: lookups over every shard, the plan of each step."""
 
@@ -52,7 +63,8 @@ class KVTierScheduler:
         self._chains: dict[str, PromptChain] = {}
         self._planner = RequestPlanner(self._chunk_size, self._lookup, save=transfer.is_kv_producer and active,
                                        load=transfer.is_kv_consumer and active,
-                                       async_loads=setup.config.load_mode == "async")
+                                       async_loads=setup.config.load_mode == "async",
+                                       admission=save_admission(setup, transfer.kv_role, active))
         # A scheduler whose workers run in processes of their own sees only the tiers shared between processes.
         self._lease: StoreLease | None = None
         if active:

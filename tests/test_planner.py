@@ -128,3 +128,58 @@ def test_async_loads_are_planned_at_allocation_for_the_parked_request() -> None:
     planner.allocated("r", _chain(tokens), "", 0)
     planner.scheduled("r", [5, 6, 7, 8, 9], True, 19, 1, later)
     assert later.async_loads == later.loads == later.saves == []
+
+
+# -- save_policy: on_reuse ------------------------------------------------------------------------
+
+
+def _saved_chunks(planner: RequestPlanner, req_id: str, tokens: list[int], salt: str = "") -> int:
+    """Run a request whose prompt is computed in one step; the chunks it sends for saving."""
+    chain = _chain(tokens)
+    planner.matched_tokens(req_id, chain, salt, 0)
+    planner.allocated(req_id, chain, salt, 0)
+    plan = StepPlan()
+    planner.scheduled(req_id, list(range(8)), True, 0, len(tokens), plan)
+    planner.finished(req_id)
+    return sum(save.num_chunks for save in plan.saves)
+
+
+def test_on_reuse_saves_a_chunk_from_its_second_sighting_on() -> None:
+    from kvtier.connector.admission import SaveOnReuse
+
+    planner = _planner({}, admission=SaveOnReuse(1000))
+    prompt = list(range(20))  # two full chunks and a 4-token tail
+    assert _saved_chunks(planner, "a", prompt) == 0  # a one-off prompt is not stored
+    assert _saved_chunks(planner, "b", prompt) == 3  # seen before: all of it, the tail included
+    other_tail = prompt[:16] + [99, 98, 97, 96]
+    assert _saved_chunks(planner, "c", other_tail) == 2  # the shared chunks only
+    diverging = prompt[:8] + list(range(50, 62))
+    assert _saved_chunks(planner, "d", diverging) == 1  # what follows the first difference is new
+    assert _saved_chunks(planner, "e", prompt, salt="tenant-2") == 0  # another tenant's sighting does not count
+
+
+def test_on_reuse_counts_a_request_once_and_forgets_the_oldest() -> None:
+    from kvtier.connector.admission import SaveOnReuse
+
+    planner = _planner({}, admission=SaveOnReuse(2))
+    prompt = list(range(16))
+    chain = _chain(prompt)
+    planner.allocated("p", chain, "", 0)
+    planner.allocated("p", chain, "", 0)  # a preempted request allocated again: not a second sighting
+    plan = StepPlan()
+    planner.scheduled("p", [0, 1], True, 0, 16, plan)
+    assert plan.saves == []
+    planner.finished("p")
+    assert _saved_chunks(planner, "q", list(range(100, 116))) == 0  # two new digests push the prompt's out
+    assert _saved_chunks(planner, "r", prompt) == 0
+    assert _saved_chunks(planner, "s", prompt) == 2
+
+
+def test_save_all_and_bad_capacity() -> None:
+    import pytest
+
+    from kvtier.connector.admission import SaveAll, SaveOnReuse
+
+    assert _saved_chunks(_planner({}, admission=SaveAll()), "a", list(range(20))) == 3
+    with pytest.raises(ValueError, match="at least 1"):
+        SaveOnReuse(0)

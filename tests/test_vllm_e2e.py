@@ -80,6 +80,27 @@ def test_within_one_process_the_cpu_tier_serves_repeats(tiny_model: Path, tmp_pa
     _assert_same(run[1], plain)
 
 
+def test_on_reuse_stores_a_prompt_from_its_second_sighting(tiny_model: Path, tmp_path: Path, plain) -> None:
+    """save_policy on_reuse: a one-off prompt is never stored; a repeated one is, from its second
+    request on, even when that request hits vLLM's own prefix cache."""
+    kv = kvtier_transfer_config(_disk(tmp_path), save_policy="on_reuse")
+    store = tmp_path / "store"
+    counts: list[int] = []
+    first = run_engine(tiny_model, [[P300, P700], [P300]], kv,
+                       between_steps=lambda _: counts.append(len(list(store.rglob("*.kvc")))))
+    assert counts == [0]  # nothing seen before: nothing stored
+    assert [o.cached for o in first[1]] == [0]
+    assert len(list(store.rglob("*.kvc"))) == 2  # P300's second request stored its chunk and its tail
+    _assert_same(first[0], plain)
+    # A repeat that hits vLLM's prefix cache still stores what it shared, from the engine's blocks.
+    local = run_engine(tiny_model, [[P700], [P700]], kv, prefix_caching=True)
+    assert local[1][0].cached >= 512
+    assert len(list(store.rglob("*.kvc"))) == 2 + 3
+    second = run_engine(tiny_model, [PROMPTS], kv)
+    _assert_loaded(second[0])
+    _assert_same(second[0], plain)
+
+
 def _rewrite_chunks(store: Path, noise_keeps_checksum: bool) -> int:
     rng = np.random.default_rng(0)
     files = sorted(store.rglob("*.kvc"))

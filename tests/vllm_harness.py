@@ -37,6 +37,7 @@ class EngineRun:
 
 
 def kvtier_transfer_config(config_file: str | Path, role: str = "kv_both", **overrides: Any) -> dict[str, Any]:
+    """kvtier's ``--kv-transfer-config``; inline ``overrides`` of the config file's keys."""
     return {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.connector.vllm",
             "kv_role": role, "kv_connector_extra_config": {"config": str(config_file), **overrides}}
 
