@@ -1,11 +1,14 @@
 """Time to first token of a long prompt with vLLM on CPU: cold, vLLM's own prefix cache, kvtier's
-cpu / disk / redis tiers, and vLLM's in-tree ExampleConnector, all measured in one run.
+cpu / disk / redis / node tiers, a redis tier behind a slow link, and vLLM's in-tree
+ExampleConnector, all measured in one run.
 
 Each engine runs in a subprocess (this script with ``--child``). TTFT = wall time of
 ``generate([prompt], max_tokens=1)`` after a warm-up ``generate`` of an unrelated short prompt.
 vLLM's prefix cache is off except in the local-prefix run, so a kvtier hit comes from kvtier.
-Disk, redis and ExampleConnector store in one process and load in a fresh one (disk reads come
-from the page cache); the cpu tier stores and loads in one process, 2 s apart so that the storing
+Disk, redis, node (a ``kvtier server`` started here) and ExampleConnector store in one process and
+load in a fresh one (disk reads come from the page cache). **redis-slow** is the same Redis behind
+``throttle_proxy.py`` (``--slow-mbytes-per-s``, ``--slow-latency-ms``): a remote store on a link so
+slow that loading may cost more than recomputing, which kvtier does not yet weigh; the cpu tier stores and loads in one process, 2 s apart so that the storing
 run's background writes are done (the local-prefix runs get the same pause). The model is a random
 float32 Llama (8 layers, hidden 1024, 4 KV heads x 64) built once into ``--model-dir``. Engines
 start when the machine is quiet; a run that other processes disturbed (> ``NOISY`` cores) is redone
@@ -38,7 +41,7 @@ CHILD_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM
              "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
 SETTLE_S = 2.0  # pause between runs of a prompt in one process: the previous run's stores are written
 NOISY = 0.3  # cores used by other processes during a timed run that make it suspect
-WARM_TIERS = ("cpu", "disk", "redis")
+WARM_TIERS = ("cpu", "disk", "redis", "node", "redis-slow")
 BASELINES = (("local", "local prefix", 1.5), ("cold", "cold", 0.1), ("example", "ExampleConnector warm", 0.5))
 
 
@@ -154,29 +157,46 @@ def _disturbance(runs: list[list[Timed]]) -> float:
 
 # -- parent: configurations -----------------------------------------------------------------------
 
-def one_tier_config(folder: Path, name: str, tier_yaml: str) -> dict[str, Any]:
+def one_tier_config(folder: Path, name: str, tier_yaml: str, extra_yaml: str = "") -> dict[str, Any]:
     """A kv_transfer_config for kvtier with the one tier ``tier_yaml`` (a YAML flow mapping), its
     config file written into ``folder`` as ``kvtier-<name>.yaml``."""
     path = folder / f"kvtier-{name}.yaml"
-    path.write_text(f"chunk_size: {CHUNK}\ntiers:\n  - {tier_yaml}\n")
+    path.write_text(f"chunk_size: {CHUNK}\n{extra_yaml}tiers:\n  - {tier_yaml}\n")
     return {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.connector.vllm",
             "kv_role": "kv_both", "kv_connector_extra_config": {"config": str(path)}}
 
 
-def kvtier_config(folder: Path, tier: str, redis_url: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Stores:
+    """Where the shared tiers are: Redis, the same Redis behind the throttling proxy, a node server."""
+
+    redis_url: str
+    slow_url: str
+    node_socket: str
+    node_pid: int
+
+
+def kvtier_config(folder: Path, tier: str, stores: Stores) -> dict[str, Any]:
     """A kv_transfer_config for kvtier with one tier, its YAML written into ``folder``."""
     tiers = {"cpu": "{type: cpu, max_bytes: 2GiB}",
              "disk": f"{{type: disk, path: '{folder / 'disk'}', max_bytes: 4GiB}}",
-             "redis": f"{{type: redis, url: '{redis_url}'}}"}
-    return one_tier_config(folder, tier, tiers[tier])
+             "redis": f"{{type: redis, url: '{stores.redis_url}'}}",
+             # a blob may take seconds on the slow link: each socket wait is bounded by op_timeout_s
+             # its own keys: the same Redis holds the redis configuration's chunks of the same prompts
+             "redis-slow": f"{{type: redis, url: '{stores.slow_url}', key_prefix: 'kvtier-slow:', op_timeout_s: 60}}",
+             "node": f"{{type: node, socket: '{stores.node_socket}'}}"}
+    # the storing engine's writes must all cross the slow link before it exits
+    return one_tier_config(folder, tier, tiers[tier], "flush_timeout_s: 900\n" if tier == "redis-slow" else "")
 
 
-def measure(model: Path, token_counts: list[int], folder: Path, redis_url: str) -> dict[str, list[Timed]]:
+def measure(model: Path, token_counts: list[int], folder: Path, stores: Stores) -> dict[str, list[Timed]]:
     """All configurations; ``name -> one Timed per prompt length``."""
     from kvtier.tiny_model import prompt_text
 
+    # The CPU of the servers a load uses is part of it, not noise: the node server, and this process
+    # (the throttling proxy's thread); redis-server is found by its port.
     base = {"model": str(model), "max_len": max(token_counts) + 16, "kv": None, "prefix_caching": False,
-            "redis_port": urlsplit(redis_url).port,
+            "redis_port": urlsplit(stores.redis_url).port, "server_pids": [stores.node_pid, os.getpid()],
             "warmup": prompt_text(24, seed=1, vocab=BENCH_SPEC.vocab),
             "prompts": [prompt_text(n, seed=1000 + n, vocab=BENCH_SPEC.vocab) for n in token_counts]}
 
@@ -186,12 +206,12 @@ def measure(model: Path, token_counts: list[int], folder: Path, redis_url: str) 
 
     out: dict[str, list[Timed]] = {"cold": [r[0] for r in job("cold")]}
     out["local"] = [r[1] for r in job("local prefix", repeats=2, prefix_caching=True)]
-    cpu = job("kvtier cpu", repeats=2, kv=kvtier_config(folder, "cpu", redis_url))
+    cpu = job("kvtier cpu", repeats=2, kv=kvtier_config(folder, "cpu", stores))
     out["cpu store"], out["cpu"] = [r[0] for r in cpu], [r[1] for r in cpu]
     example = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
                "kv_connector_extra_config": {"shared_storage_path": str(folder / "example")}}
-    for name, kv in (("disk", kvtier_config(folder, "disk", redis_url)),
-                     ("redis", kvtier_config(folder, "redis", redis_url)), ("example", example)):
+    shared = [(tier, kvtier_config(folder, tier, stores)) for tier in ("disk", "redis", "node", "redis-slow")]
+    for name, kv in (*shared, ("example", example)):
         out[f"{name} store"] = [r[0] for r in job(f"{name} store", retries=0, kv=kv)]
         out[name] = [r[0] for r in job(f"{name} load (fresh process)", kv=kv)]
     return out
@@ -203,6 +223,9 @@ LABELS = {"cold": "cold (plain vLLM, prefix caching off)", "local": "vLLM local 
           "cpu store": "kvtier cpu, storing run", "cpu": "kvtier warm, cpu tier (same process)",
           "disk store": "kvtier disk, storing run", "disk": "kvtier warm, disk tier (fresh process)",
           "redis store": "kvtier redis, storing run", "redis": "kvtier warm, redis tier (fresh process)",
+          "node store": "kvtier node, storing run", "node": "kvtier warm, node tier (fresh process)",
+          "redis-slow store": "kvtier redis over a slow link, storing run",
+          "redis-slow": "kvtier warm, redis over a slow link (fresh process)",
           "example store": "ExampleConnector, storing run", "example": "ExampleConnector warm (fresh process)"}
 
 
@@ -233,7 +256,7 @@ def to_markdown(results: dict[str, list[Timed]], token_counts: list[int]) -> str
         lines.append(f"| {label} | {cells} |")
     lines += ["", "| ratio | target | " + " | ".join(f"{n} tok" for n in token_counts) + " |",
               "|---|---|" + "---|" * len(token_counts)]
-    for tier in ("disk", "cpu", "redis"):
+    for tier in ("disk", "cpu", "redis", "node", "redis-slow"):
         for base, label, target in BASELINES:
             cells = []
             for warm, ref in zip(results[tier], results[base]):
@@ -259,6 +282,9 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "kvtier-ttft-llama",
                         help="where the random Llama is built (once)")
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
+    parser.add_argument("--slow-mbytes-per-s", type=float, default=4.0,
+                        help="redis-slow: the link's bandwidth per direction (MB/s)")
+    parser.add_argument("--slow-latency-ms", type=float, default=1.0, help="redis-slow: the link's one-way delay")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -267,7 +293,9 @@ def main() -> None:
     if max(args.tokens) + 16 > BENCH_SPEC.max_positions:
         parser.error(f"--tokens must stay below {BENCH_SPEC.max_positions - 16}")
     sys.path.insert(0, str(Path(__file__).parent))
+    from node_bench import node_server
     from storage_bench import redis_server
+    from throttle_proxy import ThrottledProxy
 
     from kvtier.tiny_model import make_tiny_llama
 
@@ -276,8 +304,15 @@ def main() -> None:
           f"{' '.join(sys.argv)}\n# model: random Llama {BENCH_SPEC}, float32; vLLM block {BLOCK}, kvtier chunk "
           f"{CHUNK}; env {env}", flush=True)
     model = make_tiny_llama(args.model_dir, BENCH_SPEC)
-    with redis_server(args.redis_url) as url, tempfile.TemporaryDirectory(prefix="kvtier-ttft-") as tmp:
-        results = measure(model, args.tokens, Path(tmp), url)
+    print(f"# redis-slow: {args.slow_mbytes_per_s:g} MB/s per direction, {args.slow_latency_ms:g} ms one way; "
+          "kvtier server --max-bytes 2GiB --slot-bytes 1MiB", flush=True)
+    with redis_server(args.redis_url) as url, tempfile.TemporaryDirectory(prefix="kvtier-ttft-", dir="/tmp") as tmp:
+        redis_at = urlsplit(url)
+        socket_path = os.path.join(tmp, "node.sock")  # a short path: a socket's is at most 107 bytes
+        with ThrottledProxy(redis_at.hostname, redis_at.port, args.slow_mbytes_per_s * 1e6,
+                            args.slow_latency_ms / 1e3) as proxy, node_server(socket_path, "2GiB", "1MiB") as pid:
+            slow_url = url.replace(f":{redis_at.port}", f":{proxy.port}", 1)
+            results = measure(model, args.tokens, Path(tmp), Stores(url, slow_url, socket_path, pid))
     print(to_markdown(results, args.tokens))
     fails = check(results, args.tokens)
     print("\n".join(noise(results, args.tokens)) or f"noise: other processes used < {NOISY} cores in every timed run")
