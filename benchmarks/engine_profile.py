@@ -37,7 +37,7 @@ class GroupProfile:
         if not Path(spy).exists():
             raise SystemExit("FAIL: --profile needs py-spy (pip install py-spy)")
         self.folder.mkdir(parents=True, exist_ok=True)
-        for pid, comm in group_processes(self.pgid):
+        for pid, comm, _ in group_stats(self.pgid):
             out = self.folder / f"{self.name}-{comm}-{pid}.txt"
             self._spies.append(subprocess.Popen(
                 [spy, "record", "--pid", str(pid), "--rate", str(self.rate), "--format", "raw", "--nonblocking",
@@ -54,15 +54,17 @@ class GroupProfile:
                 spy.kill()
 
 
-def group_processes(pgid: int) -> list[tuple[int, str]]:
-    """(pid, command name with only letters, digits and dashes) of the live processes in ``pgid``."""
+def group_stats(pgid: int) -> list[tuple[int, str, list[str]]]:
+    """The live processes of process group ``pgid``: pid, command name (letters, digits and dashes
+    only) and the ``/proc/<pid>/stat`` fields after the name (field 3, the state, is index 0)."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             head, _, rest = stat.read_text().rpartition(")")
-            if int(rest.split()[2]) == pgid:
-                comm = head.partition("(")[2]
-                out.append((int(stat.parent.name), "".join(c if c.isalnum() else "-" for c in comm)))
+            fields = rest.split()
+            if int(fields[2]) == pgid:
+                comm = "".join(c if c.isalnum() else "-" for c in head.partition("(")[2])
+                out.append((int(stat.parent.name), comm, fields))
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
     return sorted(out)

@@ -201,7 +201,7 @@ def round_trips(node, rounds: int, calls: int = 300) -> str:
 
 
 ECHO = """
-import os, socket, sys
+import socket, sys
 sock = socket.socket(fileno=int(sys.argv[1]))
 while data := sock.recv(65536):
     sock.sendall(data)

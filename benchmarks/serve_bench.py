@@ -61,7 +61,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_profile import GroupProfile, summarize  # noqa: E402
+from engine_profile import GroupProfile, group_stats, summarize  # noqa: E402
 from ttft_bench import BLOCK, CHILD_ENV, CHUNK, NOISY, SETTLE_S, cpu_busy_s, machine, wait_for_quiet  # noqa: E402
 
 from kvtier.connector.config import default_config_text  # noqa: E402
@@ -188,14 +188,7 @@ def serving(argv: list[str], port: int, log: Path, timeout: float) -> Iterator[s
 def group_cpu_s(pgid: int) -> float:
     """CPU seconds (user + system) of the live processes in process group ``pgid`` and of the
     children they have waited for."""
-    ticks = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        if int(fields[2]) == pgid:
-            ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    ticks = sum(sum(int(f) for f in fields[11:15]) for _, _, fields in group_stats(pgid))  # [cs]utime, [cs]stime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -213,16 +206,14 @@ def counters(port: int) -> dict[str, float]:
 
 # -- one run --------------------------------------------------------------------------------------
 
-def kvtier_transfer_config(work: Path, store: Path, save_policy: str | None = None,
-                           name: str = "kvtier") -> dict[str, Any]:
-    """``--kv-transfer-config`` for kvtier: its default config (cpu over disk), the disk tier in ``store``,
-    ``save_policy`` if given; the YAML written into ``work`` as ``<name>.yaml``."""
+def kvtier_transfer_config(work: Path, store: Path, save_policy: str, name: str) -> dict[str, Any]:
+    """``--kv-transfer-config`` for kvtier: its default config (cpu over disk) with the disk tier in
+    ``store`` and ``save_policy``; the YAML written into ``work`` as ``<name>.yaml``."""
     config = yaml.safe_load(default_config_text())
     for tier in config["tiers"]:
         if tier["type"] == "disk":
             tier["path"] = str(store)
-    if save_policy is not None:
-        config["save_policy"] = save_policy
+    config["save_policy"] = save_policy
     if config["chunk_size"] != CHUNK:
         raise BenchError(f"kvtier's default chunk_size is {config['chunk_size']}, this benchmark assumes {CHUNK}")
     path = work / f"{name}.yaml"

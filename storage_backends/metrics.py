@@ -47,7 +47,7 @@ class TierMetrics:
     """The metrics of one tier: a thin, typed facade over a shared :class:`MetricSet`.
 
     The tier's labelled children are looked up once: ``labels()`` costs microseconds per call, which
-    a node-tier lookup (a 60 us round trip) would otherwise pay four times."""
+    a node-tier lookup (a round trip of about 100 us) would otherwise pay four times."""
 
     def __init__(self, tier: str, metric_set: MetricSet | None = None) -> None:
         self.tier = tier

@@ -108,30 +108,16 @@ def send_now(sock: socket.socket, message: dict[str, Any], timeout_s: float) -> 
         send_frames(sock, frame[sent:], time.monotonic() + timeout_s)
 
 
-def recv(sock: socket.socket, deadline: float | None = None, body_timeout_s: float | None = None) -> dict | None:
-    """One frame's message, or None on a clean end of stream before a frame began.
-
-    Reads exactly one frame, so it may be mixed with other reads of the socket; a connection that
-    carries many frames reads them with a :class:`FrameReader` (fewer system calls). ``deadline``
-    bounds the whole frame (a client waiting for its answer); without one the wait for a frame is
-    unbounded (a server's idle connection) and ``body_timeout_s`` bounds the rest once the header
-    arrived, so a peer that stalls mid-frame cannot hold the connection's thread forever.
-    """
-    header = _recv_exact(sock, HEADER.size, deadline, allow_eof=True)
-    if header is None:
-        return None
-    length = _frame_length(header)
-    if deadline is None and body_timeout_s is not None:
-        deadline = time.monotonic() + body_timeout_s
-    return _decode(_recv_exact(sock, length, deadline))
-
-
 class FrameReader:
     """The frames of one connection, read in as few ``recv`` calls as the peer's writes allow.
 
     A frame usually arrives whole in one read, and a release sent with the next request arrives
-    with it; bytes past the frame returned stay buffered for the next call. Bounds as :func:`recv`.
-    Only this reader may read the socket once it has read from it.
+    with it; bytes past the frame returned stay buffered for the next call, so only this reader may
+    read the socket once it has read from it. :meth:`read` returns None on a clean end of stream
+    before a frame began. ``deadline`` (``time.monotonic()``) bounds the whole frame (a client
+    waiting for its answer); without one the wait for a frame is unbounded (a server's idle
+    connection) and ``body_timeout_s`` bounds the rest once a frame began, so a peer that stalls
+    mid-frame cannot hold the connection's thread forever.
     """
 
     READ_BYTES = 65536
@@ -161,7 +147,7 @@ class FrameReader:
     def _next(self) -> dict | None:
         if len(self._buffer) < HEADER.size:
             return None
-        end = HEADER.size + _frame_length(bytes(self._buffer[: HEADER.size]))
+        end = HEADER.size + _frame_length(self._buffer)
         if len(self._buffer) < end:
             return None
         body = bytes(self._buffer[HEADER.size : end])
@@ -169,8 +155,9 @@ class FrameReader:
         return _decode(body)
 
 
-def _frame_length(header: bytes) -> int:
-    (length,) = HEADER.unpack(header)
+def _frame_length(buffer: bytes | bytearray) -> int:
+    """The length a frame's header (the buffer's first bytes) announces; checked."""
+    (length,) = HEADER.unpack_from(buffer)
     if length == 0 or length > MAX_FRAME:
         raise ProtocolError(f"frame length {length} out of range (1..{MAX_FRAME})")
     return length
@@ -191,22 +178,6 @@ def _remaining(deadline: float) -> float:
     if left <= 0:
         raise TimeoutError("node server did not answer in time")
     return left
-
-
-def _recv_exact(sock: socket.socket, n: int, deadline: float | None, allow_eof: bool = False) -> bytes | None:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        if deadline is not None:
-            sock.settimeout(_remaining(deadline))
-        count = sock.recv_into(view[got:])
-        if count == 0:
-            if allow_eof and got == 0:
-                return None
-            raise ConnectionResetError("node server connection closed mid-frame")
-        got += count
-    return bytes(buf)
 
 
 # -- request fields, checked by the server before they reach the pool ------------------------------------------------

@@ -83,7 +83,7 @@ def _entries(server: NodeServerProcess) -> int:
         conn.connect(server.socket_path)
         deadline = time.monotonic() + 5
         proto.send(conn, {"op": "stats"}, deadline)
-        return proto.recv(conn, deadline)["stats"]["entries"]
+        return proto.FrameReader(conn).read(deadline)["stats"]["entries"]
 
 
 def _wait_entries(server: NodeServerProcess, count: int, timeout: float = 30) -> None:

@@ -48,7 +48,7 @@ def _connect(path: str | Path) -> socket.socket:
 
 def _ask(sock: socket.socket, op: str, **fields: object) -> dict:
     proto.send(sock, {"op": op, **fields})
-    reply = proto.recv(sock, time.monotonic() + 5)
+    reply = proto.FrameReader(sock).read(time.monotonic() + 5)  # one answer is outstanding: nothing more to buffer
     assert reply is not None and reply["ok"] is True, reply
     return reply
 
@@ -369,9 +369,10 @@ CLIENT = textwrap.dedent("""
     from kvtier.storage_backends import node_protocol as proto
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(sys.argv[1])
+    reader = proto.FrameReader(sock)
     def ask(op, **kw):
         proto.send(sock, {"op": op, **kw})
-        return proto.recv(sock)
+        return reader.read()
     ask("reserve", items=[["held-a", 3000000]])
     ask("commit", keys=["held-a"])
     ask("get", keys=["held-a"])              # a read lease, never released
