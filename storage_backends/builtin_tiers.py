@@ -73,6 +73,11 @@ class RedisTier(TierSettings):
     op_timeout_s: float = Field(default=2.0, gt=0, le=600)
     retry_interval_s: float = Field(default=1.0, ge=0, le=3600)
     max_connections: int = Field(default=16, ge=1, le=1024)
+    # Idle receive buffers kept for the next loads (values are read straight into them; reusing them
+    # saves the first-touch page faults of fresh memory). 0 keeps none.
+    read_buffer_bytes: ByteSize = 256 * 2**20
+
+    _sizes = field_validator("read_buffer_bytes", mode="before")(lambda v: parse_byte_size(v))
 
     @field_validator("url")
     @classmethod
@@ -163,6 +168,7 @@ def _build_redis(cfg: RedisTier, ctx: TierContext) -> StorageBackend:
         cfg.url, name=cfg.name, metrics=ctx.metrics, key_prefix=cfg.key_prefix, ttl_seconds=cfg.ttl_seconds,
         connect_timeout_s=cfg.connect_timeout_s, op_timeout_s=cfg.op_timeout_s,
         retry_interval_s=cfg.retry_interval_s, max_connections=cfg.max_connections,
+        read_buffer_bytes=cfg.read_buffer_bytes,
     )
 
 

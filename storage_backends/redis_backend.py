@@ -3,7 +3,8 @@
 Each chunk is stored as one Redis string ``key_prefix + hexkey`` holding the encoded blob (header
 and payload together; LMCache's two keys per chunk can be read half-written). Every call is one
 round trip (a pipeline or a single multi-key command), except ``put`` batches above
-``PIPELINE_BYTES``, which go out as several pipelines.
+``PIPELINE_BYTES``, which go out as several pipelines. ``get`` reads the values straight into
+reusable buffers (``redis_reader``), not through redis-py's parser.
 
 Remote tiers fail in ways the engine must not feel, so no call raises because Redis is down,
 refusing, slow, out of memory or rejecting our password: it returns misses or skips the store and
@@ -47,6 +48,7 @@ from .redis_common import (
     summarize_keys,
     wire_value,
 )
+from .redis_reader import DEFAULT_KEPT_BYTES, ReplyBuffers, get_pooled
 from .summary import StoreSummary
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ class RedisBackend(StorageBackend):
     def __init__(
         self, url: str, *, name: str = "redis", metrics: TierMetrics | None = None, key_prefix: str = "kvtier:",
         ttl_seconds: int | None = None, connect_timeout_s: float = 1.0, op_timeout_s: float = 2.0,
-        retry_interval_s: float = 1.0, max_connections: int = 16,
+        retry_interval_s: float = 1.0, max_connections: int = 16, read_buffer_bytes: int = DEFAULT_KEPT_BYTES,
     ) -> None:
         super().__init__(name, metrics or TierMetrics(name))
         check_options(ttl_seconds, connect_timeout_s, op_timeout_s, retry_interval_s, max_connections)
@@ -89,6 +91,7 @@ class RedisBackend(StorageBackend):
         self._closed = False
         self._breaker = CircuitBreaker(retry_interval_s)
         self._last_cmd_warn = float("-inf")
+        self._buffers = ReplyBuffers(read_buffer_bytes)
 
     def _available(self, op: str) -> bool:
         """False while closed, and (counting an error) while the breaker is open."""
@@ -143,10 +146,15 @@ class RedisBackend(StorageBackend):
         values: list[Buffer | None] = [None] * len(keys)
         if keys and self._available("get"):
             try:
-                values = self._redis.mget([self.key_prefix + key for key in keys])
+                replies = get_pooled(self._redis, [self.key_prefix + key for key in keys], self._buffers)
                 self._succeeded()
             except Exception as exc:
                 self._failed("get", exc)
+            else:
+                refused = next((r for r in replies if isinstance(r, Exception)), None)
+                if refused is not None:  # e.g. WRONGTYPE: a miss
+                    self._failed("get", refused)
+                values = [None if isinstance(r, Exception) else r for r in replies]
         hits = sum(v is not None for v in values)
         nbytes = sum(len(v) for v in values if v is not None)
         self.metrics.got(hits, len(keys) - hits, nbytes, time.perf_counter() - start)

@@ -54,6 +54,7 @@ from .redis_common import (
     parse_cluster_url,
     wire_value,
 )
+from .redis_reader import DEFAULT_KEPT_BYTES, ReplyBuffers, get_pooled
 
 __all__ = ["ClusterUrl", "RedisClusterBackend", "is_cluster_url", "parse_cluster_url"]  # the URL parts re-exported
 
@@ -77,7 +78,7 @@ class RedisClusterBackend(StorageBackend):
     def __init__(
         self, url: str, *, name: str = "redis", metrics: TierMetrics | None = None, key_prefix: str = "kvtier:",
         ttl_seconds: int | None = None, connect_timeout_s: float = 1.0, op_timeout_s: float = 2.0,
-        retry_interval_s: float = 1.0, max_connections: int = 16,
+        retry_interval_s: float = 1.0, max_connections: int = 16, read_buffer_bytes: int = DEFAULT_KEPT_BYTES,
     ) -> None:
         super().__init__(name, metrics or TierMetrics(name))
         check_options(ttl_seconds, connect_timeout_s, op_timeout_s, retry_interval_s, max_connections)
@@ -94,6 +95,7 @@ class RedisClusterBackend(StorageBackend):
         self._lock = threading.Lock()
         self._nodes: dict[str, CircuitBreaker] = {}  # the breaker of each master that failed
         self._last_cmd_warn = float("-inf")
+        self._buffers = ReplyBuffers(read_buffer_bytes)  # GET values are received into these (redis_reader)
         self._closed = False
         self._refresh_due = 0.0  # monotonic time of the next allowed slot-map refresh
         self._refresher: threading.Thread | None = None
@@ -120,7 +122,7 @@ class RedisClusterBackend(StorageBackend):
         values: list[Buffer | None] = [None] * len(keys)
         if keys:
             replies = self._run("get", [("GET", self.key_prefix + key) for key in keys])
-            values = [r if isinstance(r, bytes) else None for r in replies]
+            values = [None if r is FAILED or isinstance(r, Exception) else r for r in replies]
         hits = sum(v is not None for v in values)
         nbytes = sum(len(v) for v in values if v is not None)
         self.metrics.got(hits, len(keys) - hits, nbytes, time.perf_counter() - start)
@@ -235,9 +237,11 @@ class RedisClusterBackend(StorageBackend):
             groups.setdefault(node.name, (node, []))[1].append(i)
         return groups, lost
 
-    @staticmethod
-    def _pipeline(client: RedisCluster, node: ClusterNode, commands: list[tuple]) -> list[Any]:
-        """One round trip to one master; command errors come back as exception objects."""
+    def _pipeline(self, client: RedisCluster, node: ClusterNode, commands: list[tuple]) -> list[Any]:
+        """One round trip to one master; command errors come back as exception objects. GETs are
+        read into reusable buffers (``redis_reader``)."""
+        if all(command[0] == "GET" for command in commands):
+            return get_pooled(client.get_redis_connection(node), [command[1] for command in commands], self._buffers)
         pipe = client.get_redis_connection(node).pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
+from blob_reads import fetched
 from redis_cluster import RedisCluster
 from redis_server import REDIS_SERVER, RedisServer
 
@@ -238,12 +239,12 @@ def test_redis_breaker_backs_off_while_the_server_times_out_and_resets(paused: R
     assert len(slow) <= 5, slow  # a fixed 0.2 s interval: one every 0.5 s, 7 or 8
 
     paused.resume()
-    assert wait_for(lambda: backend.get([key]) == [blob], timeout_s=5.0) < 3.0
+    assert wait_for(lambda: fetched(backend, [key]) == [blob], timeout_s=5.0) < 3.0
     paused.pause()  # after a success the pause starts again from retry_interval_s
     slow = _slow_calls(lambda: backend.get([key]), 1.6, slow_s=0.2)
     _assert_doubling(_pauses(slow), first=0.2)
     paused.resume()
-    assert wait_for(lambda: backend.get([key]) == [blob], timeout_s=5.0) < 3.0
+    assert wait_for(lambda: fetched(backend, [key]) == [blob], timeout_s=5.0) < 3.0
     backend.close()
 
 
@@ -269,7 +270,7 @@ def test_cluster_breaker_backs_off_per_master(redis_cluster: RedisCluster) -> No
     _assert_doubling(_pauses(slow), first=0.2)
     assert len(slow) <= 5, slow
     redis_cluster.wait_ok()
-    assert wait_for(lambda: backend.get(keys) == [b for _, b in items], timeout_s=10.0) < 8.0
+    assert wait_for(lambda: fetched(backend, keys) == [bytes(b) for _, b in items], timeout_s=10.0) < 8.0
     backend.close()
 
 

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from blob_reads import fetched
 from redis_server import REDIS_SERVER, RedisServer, free_port, make_tls_files, redis_supports_tls
 
 from kvtier.chunk_format.codec import ChunkCorrupt, decode_chunk, encode_chunk
@@ -45,7 +46,7 @@ def test_round_trip_of_real_chunks_and_stats(redis_server: RedisServer) -> None:
 
     keys = [k for k, _ in items]
     assert backend.contains(keys) == 9
-    blobs = backend.get(keys)
+    blobs = fetched(backend, keys)
     for (key, blob), got in zip(items, blobs):
         assert bytes(decode_chunk(got, key).payload) == bytes(decode_chunk(blob, key).payload)
     assert bytes(decode_chunk(blobs[-1], big_key).payload) == big_payload
@@ -53,11 +54,11 @@ def test_round_trip_of_real_chunks_and_stats(redis_server: RedisServer) -> None:
     # Any buffer works: a multi-byte-format, multi-dimensional numpy array is stored as its raw bytes.
     array = np.arange(4096, dtype=np.float32).reshape(64, 64)
     assert backend.put([("ab" * 32, array), ("cd" * 32, array[:, ::2])]) == 2
-    assert backend.get(["ab" * 32, "cd" * 32]) == [array.tobytes(), array[:, ::2].tobytes()]
+    assert fetched(backend, ["ab" * 32, "cd" * 32]) == [array.tobytes(), array[:, ::2].tobytes()]
 
     assert backend.delete(keys[:2] + [key_of(12345)]) == 2
     assert backend.contains(keys) == 0
-    assert backend.get(keys[:3]) == [None, None, blobs[2]]
+    assert fetched(backend, keys[:3]) == [None, None, blobs[2]]
 
     stats = backend.stats()
     assert stats["stored_chunks"] == 11 and stats["skipped_stores"] == 0 and stats["errors"] == 0
@@ -66,7 +67,7 @@ def test_round_trip_of_real_chunks_and_stats(redis_server: RedisServer) -> None:
     assert stats["get_hits"] == 9 + 2 + 1 and stats["get_misses"] == 2
     backend.close()
     backend.close()  # idempotent
-    assert backend.get(keys[2:4]) == [None, None] and backend.contains(keys[2:]) == 0
+    assert fetched(backend, keys[2:4]) == [None, None] and backend.contains(keys[2:]) == 0
     assert backend.put([chunk(50)]) == 0 and backend.delete(keys) == 0
 
 
@@ -87,7 +88,7 @@ def test_contains_counts_leading_hits_only(redis_server: RedisServer) -> None:
     assert backend.contains(k[2:]) == 0
     assert backend.contains(k[3:]) == 2
     assert backend.contains([]) == 0
-    assert backend.get([]) == [] and backend.put([]) == 0 and backend.delete([]) == 0
+    assert fetched(backend, []) == [] and backend.put([]) == 0 and backend.delete([]) == 0
     backend.close()
 
 
@@ -101,7 +102,7 @@ def test_ttl_and_key_prefix_isolation(redis_server: RedisServer) -> None:
     assert raw.ttl(f"b:{key_of(2)}") == -1  # no expiry
     assert raw.get(f"a:{key}") == blob
 
-    assert without.contains([key]) == 0 and without.get([key]) == [None] and without.delete([key]) == 0
+    assert without.contains([key]) == 0 and fetched(without, [key]) == [None] and without.delete([key]) == 0
     assert with_ttl.contains([key_of(2)]) == 0
     assert with_ttl.contains([key]) == 1
     with pytest.raises(ValueError):
@@ -117,13 +118,13 @@ def test_auth_right_and_wrong_password(caplog: pytest.LogCaptureFixture) -> None
         good = RedisBackend(server.url)
         assert good.put([chunk(1)]) == 1 and good.contains([key_of(1)]) == 1
         user_url = server.url.replace("redis://:", "redis://default:")
-        assert RedisBackend(user_url).get([key_of(1)]) == [chunk(1)[1]]
+        assert fetched(RedisBackend(user_url), [key_of(1)]) == [chunk(1)[1]]
 
         caplog.set_level(logging.WARNING, logger=LOGGER)
         for url in (server.url.replace("s3cr", "wrong"), f"redis://127.0.0.1:{server.port}/0"):
             bad = RedisBackend(url, retry_interval_s=0)
             assert bad.put([chunk(2)]) == 0
-            assert bad.contains([key_of(1)]) == 0 and bad.get([key_of(1)]) == [None]
+            assert bad.contains([key_of(1)]) == 0 and fetched(bad, [key_of(1)]) == [None]
             assert bad.delete([key_of(1)]) == 0
             stats = bad.stats()
             assert stats["errors"] == 4 and stats["skipped_stores"] == 1 and stats["stored_chunks"] == 0
@@ -142,14 +143,14 @@ def test_tls_with_verified_certificate(tmp_path) -> None:
         backend = RedisBackend(server.url)
         key, blob = chunk(3, nbytes=2 * 2**20)
         assert backend.put([(key, blob)]) == 1
-        assert bytes(decode_chunk(backend.get([key])[0], key).payload) == bytes(decode_chunk(blob, key).payload)
+        assert bytes(decode_chunk(fetched(backend, [key])[0], key).payload) == bytes(decode_chunk(blob, key).payload)
         assert backend.stats()["errors"] == 0
         backend.close()
         # A CA that did not sign the server's certificate: verification fails, misses, no exception.
         (tmp_path / "other").mkdir()
         other = make_tls_files(tmp_path / "other")
         untrusted = RedisBackend(server.url.replace(server.tls.ca, other.ca))
-        assert untrusted.get([key]) == [None] and untrusted.stats()["errors"] == 1
+        assert fetched(untrusted, [key]) == [None] and untrusted.stats()["errors"] == 1
         untrusted.close()
 
 
@@ -164,7 +165,7 @@ def test_crash_and_restart_on_same_port(redis_server: RedisServer, caplog: pytes
     while time.monotonic() < deadline:
         for op in (
             lambda: backend.contains(keys) == 0,
-            lambda: backend.get(keys) == [None] * 4,
+            lambda: fetched(backend, keys) == [None] * 4,
             lambda: backend.put([chunk(9)]) == 0,
             lambda: backend.delete(keys) == 0,
         ):
@@ -181,7 +182,7 @@ def test_crash_and_restart_on_same_port(redis_server: RedisServer, caplog: pytes
     redis_server.start()  # same port, empty (no persistence)
     time.sleep(0.25)  # past retry_interval_s
     assert backend.put([chunk(20), chunk(21)]) == 2
-    assert backend.get([key_of(20), key_of(21)]) == [chunk(20)[1], chunk(21)[1]]
+    assert fetched(backend, [key_of(20), key_of(21)]) == [chunk(20)[1], chunk(21)[1]]
     assert backend.contains(keys) == 0
     infos = [r for r in caplog.records if r.levelno == logging.INFO and "reachable again" in r.getMessage()]
     assert len(infos) == 1
@@ -197,7 +198,7 @@ def test_slow_redis_times_out_quickly(redis_server: RedisServer) -> None:
     sleeper.start()
     time.sleep(0.3)  # let the server enter the sleep
     start = time.monotonic()
-    assert backend.get([key_of(1)]) == [None]
+    assert fetched(backend, [key_of(1)]) == [None]
     assert time.monotonic() - start < 1.2
     start = time.monotonic()
     assert backend.contains([key_of(1)]) == 0  # breaker open: no network at all
@@ -205,7 +206,7 @@ def test_slow_redis_times_out_quickly(redis_server: RedisServer) -> None:
     assert backend.stats()["errors"] == 2
     sleeper.join()
     time.sleep(0.15)
-    assert backend.get([key_of(1)]) == [chunk(1)[1]]  # recovered, same object
+    assert fetched(backend, [key_of(1)]) == [chunk(1)[1]]  # recovered, same object
     backend.close()
     raw.close()
 
@@ -230,7 +231,7 @@ def test_unresponsive_host_costs_one_connect_timeout() -> None:
                 pytest.skip("this kernel does not drop SYNs on a full accept queue")
             backend = RedisBackend(f"redis://127.0.0.1:{port}/0", connect_timeout_s=0.3, retry_interval_s=5)
             start = time.monotonic()
-            assert backend.get([key_of(1)]) == [None]
+            assert fetched(backend, [key_of(1)]) == [None]
             assert 0.25 < time.monotonic() - start < 0.3 + 0.3
             start = time.monotonic()
             assert backend.put([chunk(1)]) == 0 and backend.contains([key_of(1)]) == 0
@@ -264,7 +265,7 @@ def _writer(url: str, first: int, count: int) -> int:
         batch = [chunk(i) for i in ids[start : start + 25]]
         assert backend.put(batch) == len(batch)
         backend.contains([key_of(i) for i in ids[: start + 25]])
-    blobs = backend.get([key_of(i) for i in ids])
+    blobs = fetched(backend, [key_of(i) for i in ids])
     for i, blob in zip(ids, blobs):
         decode_chunk(blob, key_of(i))
     assert backend.stats()["errors"] == 0
@@ -282,7 +283,7 @@ def test_threads_share_one_backend_with_a_small_pool(redis_server: RedisServer) 
             for i in ids:
                 assert backend.put([chunk(i)]) == 1
                 assert backend.contains([key_of(i)]) == 1
-            for i, blob in zip(ids, backend.get([key_of(i) for i in ids])):
+            for i, blob in zip(ids, fetched(backend, [key_of(i) for i in ids])):
                 decode_chunk(blob, key_of(i))
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             failures.append(exc)
@@ -304,7 +305,7 @@ def test_two_processes_write_the_same_redis(redis_server: RedisServer) -> None:
     backend = RedisBackend(redis_server.url)
     keys = [key_of(i) for i in range(450)]
     assert backend.contains(keys) == 450
-    for key, blob in zip(keys, backend.get(keys)):
+    for key, blob in zip(keys, fetched(backend, keys)):
         decode_chunk(blob, key)
     backend.close()
 

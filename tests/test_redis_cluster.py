@@ -12,6 +12,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from blob_reads import fetched
 from redis.cluster import key_slot
 from redis_cluster import RedisCluster, make_cluster_tls_files
 from redis_server import REDIS_SERVER, redis_supports_tls
@@ -73,7 +74,7 @@ def test_round_trip_across_masters_in_one_pipeline_each(redis_cluster: RedisClus
 
     assert backend.put(items) == 61
     assert backend.contains(keys) == 61
-    blobs = backend.get(keys)
+    blobs = fetched(backend, keys)
     for (key, blob), got in zip(items, blobs):
         assert bytes(got) == bytes(blob)
         decode_chunk(got, key)
@@ -81,13 +82,13 @@ def test_round_trip_across_masters_in_one_pipeline_each(redis_cluster: RedisClus
     # One pipeline per master and call: 600 lookups cost each master a few reads, not ~200.
     absent = [key_of(i, "absent") for i in range(600)]
     before = reads_processed(redis_cluster)
-    assert backend.get(absent) == [None] * 600 and backend.contains(absent) == 0
+    assert fetched(backend, absent) == [None] * 600 and backend.contains(absent) == 0
     after = reads_processed(redis_cluster)
     assert all(after[port] - before[port] < 30 for port in before), (before, after)
 
     assert backend.delete(keys[:5] + [key_of(12345, "rt")]) == 5
     assert backend.contains(keys) == 0 and backend.contains(keys[5:]) == 56
-    assert backend.get(keys[3:7])[:2] == [None, None]
+    assert fetched(backend, keys[3:7])[:2] == [None, None]
 
     stats = backend.stats()
     assert stats["stored_chunks"] == 61 and stats["skipped_stores"] == 0 and stats["errors"] == 0
@@ -96,7 +97,7 @@ def test_round_trip_across_masters_in_one_pipeline_each(redis_cluster: RedisClus
     assert stats["get_hits"] == 61 + 2 and stats["get_misses"] == 600 + 2
     backend.close()
     backend.close()  # idempotent
-    assert backend.get(keys[5:7]) == [None, None] and backend.contains(keys[5:]) == 0
+    assert fetched(backend, keys[5:7]) == [None, None] and backend.contains(keys[5:]) == 0
     assert backend.put([chunk(50, tag="rt")]) == 0 and backend.delete(keys) == 0
 
 
@@ -107,7 +108,7 @@ def test_leading_hits_stop_at_a_gap_on_another_master(redis_cluster: RedisCluste
     assert backend.put([chunk(i, tag="gap") for i in range(12) if i != 7]) == 11
     assert backend.contains(keys) == 7
     assert backend.contains(keys[8:]) == 4 and backend.contains(keys[7:]) == 0
-    assert backend.contains([]) == 0 and backend.get([]) == [] and backend.put([]) == 0 and backend.delete([]) == 0
+    assert backend.contains([]) == 0 and fetched(backend, []) == [] and backend.put([]) == 0 and backend.delete([]) == 0
     backend.close()
 
 
@@ -161,12 +162,12 @@ def test_slot_migration_ask_and_moved_are_followed(redis_cluster: RedisCluster) 
     # Mid-migration the source answers ASK for the moved key: followed with ASKING, same bytes.
     keys = [k for k, _ in items]
     assert backend.contains(keys) == 30
-    assert backend.get(keys)[3] == blob
+    assert fetched(backend, keys)[3] == blob
     for port in redis_cluster.master_ports():
         with redis_cluster.node(port).client() as c:
             c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
     # Now the source answers MOVED: followed, and the client's slot map is patched for later batches.
-    assert backend.get(keys) == [b for _, b in items]
+    assert fetched(backend, keys) == [b for _, b in items]
     assert backend._client.nodes_manager.get_node_from_slot(slot).port == target
     assert backend.put([items[3]]) == 1 and backend.contains(keys) == 30
     assert backend.stats()["errors"] == 0
@@ -182,7 +183,7 @@ def test_wrong_password_misses_without_raising(redis_cluster: RedisCluster, capl
     start = time.monotonic()
     bad = fast_backend(url)  # no slot map can be read: misses until it can
     assert bad.put([chunk(1, tag="auth")]) == 0
-    assert bad.contains([key_of(1, "auth")]) == 0 and bad.get([key_of(1, "auth")]) == [None]
+    assert bad.contains([key_of(1, "auth")]) == 0 and fetched(bad, [key_of(1, "auth")]) == [None]
     assert bad.delete([key_of(1, "auth")]) == 0
     assert time.monotonic() - start < 2.0
     stats = bad.stats()
@@ -208,7 +209,7 @@ def test_master_killed_its_keys_miss_the_others_serve_then_it_recovers(caplog: p
         while time.monotonic() < deadline:
             start = time.monotonic()
             assert backend.contains(keys) == first_lost
-            got = backend.get(keys)
+            got = fetched(backend, keys)
             assert [i for i, v in enumerate(got) if v is None] == sorted(on_victim)
             assert all(v == items[i][1] for i, v in enumerate(got) if v is not None)
             assert backend.put(items) == 30 - len(on_victim)
@@ -224,7 +225,7 @@ def test_master_killed_its_keys_miss_the_others_serve_then_it_recovers(caplog: p
         for port in cluster.master_ports():
             cluster.kill(port)
         start = time.monotonic()
-        assert backend.get(keys) == [None] * 30 and backend.put(items) == 0
+        assert fetched(backend, keys) == [None] * 30 and backend.put(items) == 0
         late = fast_backend(cluster.url())
         assert late.contains(keys) == 0 and late.put(items) == 0
         assert time.monotonic() - start < 4.0
@@ -236,7 +237,7 @@ def test_master_killed_its_keys_miss_the_others_serve_then_it_recovers(caplog: p
         while backend.put(items) < 30 or late.contains(keys) < 30:
             assert time.monotonic() < deadline, backend.stats()
             time.sleep(0.1)
-        assert backend.get(keys) == [b for _, b in items] and late.get(keys) == [b for _, b in items]
+        assert fetched(backend, keys) == [b for _, b in items] and fetched(late, keys) == [b for _, b in items]
         infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
         assert any(f"{victim} is reachable again" in m for m in infos)
         backend.close()
@@ -259,7 +260,7 @@ def test_a_slot_map_refresh_does_not_close_connections_in_use(redis_cluster: Red
     assert idle.should_reconnect()
     pool.release(taken)
     backend._client.nodes_manager.initialize()  # a real refresh, then every call still serves
-    assert backend.get([key_of(1, "refresh")]) == [chunk(1, tag="refresh")[1]]
+    assert fetched(backend, [key_of(1, "refresh")]) == [chunk(1, tag="refresh")[1]]
     assert backend.stats()["errors"] == 0
     backend.close()
 
@@ -282,18 +283,18 @@ def test_failover_to_a_replica_recovers_by_itself(caplog: pytest.LogCaptureFixtu
         while backend.contains(keys) < 30:  # the replica is promoted and the tier finds it by itself
             assert time.monotonic() - start < 20, backend.stats()
             call = time.monotonic()
-            backend.get(keys)
+            fetched(backend, keys)
             slowest = max(slowest, time.monotonic() - call)
             time.sleep(0.05)
         assert slowest < 0.5 + 0.3
-        assert backend.get(keys) == [b for _, b in items]
+        assert fetched(backend, keys) == [b for _, b in items]
         new_master = owner(cluster, keys[0])
         assert new_master in heirs
         assert backend.put([chunk(100, tag="failover")]) == 1
 
         cluster.restart(victim)  # comes back as a replica of its heir: nothing changes for the tier
         cluster.wait_ok()
-        assert backend.get(keys) == [b for _, b in items] and backend.contains(keys) == 30
+        assert fetched(backend, keys) == [b for _, b in items] and backend.contains(keys) == 30
         infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
         assert any(f"{victim} serves no slot any more" in m for m in infos), infos
         backend.close()
@@ -307,12 +308,12 @@ def test_tls_cluster(tmp_path) -> None:
         backend = RedisClusterBackend(cluster.url())
         items = [chunk(i, 2**20, tag="tls") for i in range(9)]
         assert backend.put(items) == 9
-        assert backend.get([k for k, _ in items]) == [b for _, b in items]
+        assert fetched(backend, [k for k, _ in items]) == [b for _, b in items]
         assert backend.stats()["errors"] == 0
         backend.close()
         (tmp_path / "other").mkdir()
         untrusted = fast_backend(cluster.url().replace(cluster.tls.ca, make_cluster_tls_files(tmp_path / "other").ca))
-        assert untrusted.get([items[0][0]]) == [None] and untrusted.stats()["errors"] == 1
+        assert fetched(untrusted, [items[0][0]]) == [None] and untrusted.stats()["errors"] == 1
         untrusted.close()
 
 
