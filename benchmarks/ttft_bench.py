@@ -6,9 +6,14 @@ Each engine runs in a subprocess (this script with ``--child``). TTFT = wall tim
 ``generate([prompt], max_tokens=1)`` after a warm-up ``generate`` of an unrelated short prompt.
 vLLM's prefix cache is off except in the local-prefix run, so a kvtier hit comes from kvtier.
 Disk, redis, node (a ``kvtier server`` started here) and ExampleConnector store in one process and
-load in a fresh one (disk reads come from the page cache). **redis-slow** is the same Redis behind
-``throttle_proxy.py`` (``--slow-mbytes-per-s``, ``--slow-latency-ms``): a remote store on a link so
-slow that loading may cost more than recomputing, which kvtier does not yet weigh; the cpu tier stores and loads in one process, 2 s apart so that the storing
+load in a fresh one (disk reads come from the page cache). **redis-slow** and **redis-mid** are the
+same Redis behind ``throttle_proxy.py`` (``--slow-mbytes-per-s``, ``--mid-mbytes-per-s``,
+``--link-latency-ms``): remote stores on links so slow that loading costs more than recomputing
+(slow), or less but still a lot (mid). Each is loaded three ways in fresh processes: with
+``load_policy: always`` (load whatever it costs: the load's own TTFT), and with the default ``auto``
+twice, the first time on first contact with the tier (no estimate of its speed yet), the second with
+what the first taught it; kvtier's target is a TTFT within 1.1x of the better of recomputing (cold)
+and loading (always). The cpu tier stores and loads in one process, 2 s apart so that the storing
 run's background writes are done (the local-prefix runs get the same pause). The model is a random
 float32 Llama (8 layers, hidden 1024, 4 KV heads x 64) built once into ``--model-dir``. Engines
 start when the machine is quiet; a run that other processes disturbed (> ``NOISY`` cores) is redone
@@ -41,7 +46,10 @@ CHILD_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM
              "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
 SETTLE_S = 2.0  # pause between runs of a prompt in one process: the previous run's stores are written
 NOISY = 0.3  # cores used by other processes during a timed run that make it suspect
-WARM_TIERS = ("cpu", "disk", "redis", "node", "redis-slow")
+WARM_TIERS = ("cpu", "disk", "redis", "node")
+LINKS = ("redis-slow", "redis-mid")  # Redis behind the throttling proxy
+LINK_RUNS = tuple(f"{link}{run}" for link in LINKS for run in (" always", "", " learned"))
+LINK_TARGET = 1.1  # a throttled tier's TTFT against the better of recompute and load
 BASELINES = (("local", "local prefix", 1.5), ("cold", "cold", 0.1), ("example", "ExampleConnector warm", 0.5))
 
 
@@ -172,21 +180,24 @@ class Stores:
 
     redis_url: str
     slow_url: str
+    mid_url: str
     node_socket: str
     node_pid: int
 
 
-def kvtier_config(folder: Path, tier: str, stores: Stores) -> dict[str, Any]:
+def kvtier_config(folder: Path, tier: str, stores: Stores, load_policy: str = "auto") -> dict[str, Any]:
     """A kv_transfer_config for kvtier with one tier, its YAML written into ``folder``."""
     tiers = {"cpu": "{type: cpu, max_bytes: 2GiB}",
              "disk": f"{{type: disk, path: '{folder / 'disk'}', max_bytes: 4GiB}}",
              "redis": f"{{type: redis, url: '{stores.redis_url}'}}",
-             # a blob may take seconds on the slow link: each socket wait is bounded by op_timeout_s
-             # its own keys: the same Redis holds the redis configuration's chunks of the same prompts
+             # a blob may take seconds on a slow link: each socket wait is bounded by op_timeout_s;
+             # keys of their own: the same Redis holds the redis configuration's chunks of the same prompts
              "redis-slow": f"{{type: redis, url: '{stores.slow_url}', key_prefix: 'kvtier-slow:', op_timeout_s: 60}}",
+             "redis-mid": f"{{type: redis, url: '{stores.mid_url}', key_prefix: 'kvtier-mid:', op_timeout_s: 60}}",
              "node": f"{{type: node, socket: '{stores.node_socket}'}}"}
-    # the storing engine's writes must all cross the slow link before it exits
-    return one_tier_config(folder, tier, tiers[tier], "flush_timeout_s: 900\n" if tier == "redis-slow" else "")
+    # the storing engine's writes must all cross a slow link before it exits
+    extra = "flush_timeout_s: 900\n" if tier in LINKS else ""
+    return one_tier_config(folder, f"{tier}-{load_policy}", tiers[tier], f"{extra}load_policy: {load_policy}\n")
 
 
 def measure(model: Path, token_counts: list[int], folder: Path, stores: Stores) -> dict[str, list[Timed]]:
@@ -210,10 +221,16 @@ def measure(model: Path, token_counts: list[int], folder: Path, stores: Stores) 
     out["cpu store"], out["cpu"] = [r[0] for r in cpu], [r[1] for r in cpu]
     example = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
                "kv_connector_extra_config": {"shared_storage_path": str(folder / "example")}}
-    shared = [(tier, kvtier_config(folder, tier, stores)) for tier in ("disk", "redis", "node", "redis-slow")]
+    shared = [(tier, kvtier_config(folder, tier, stores)) for tier in ("disk", "redis", "node", *LINKS)]
     for name, kv in (*shared, ("example", example)):
         out[f"{name} store"] = [r[0] for r in job(f"{name} store", retries=0, kv=kv)]
-        out[name] = [r[0] for r in job(f"{name} load (fresh process)", kv=kv)]
+        if name in LINKS:  # load whatever it costs; then kvtier's choice, on first contact and learned
+            always = kvtier_config(folder, name, stores, load_policy="always")
+            out[f"{name} always"] = [r[0] for r in job(f"{name} load always (fresh process)", kv=always)]
+            auto = job(f"{name} load auto (fresh process, twice)", repeats=2, kv=kv)
+            out[name], out[f"{name} learned"] = [r[0] for r in auto], [r[1] for r in auto]
+        else:
+            out[name] = [r[0] for r in job(f"{name} load (fresh process)", kv=kv)]
     return out
 
 
@@ -225,20 +242,28 @@ LABELS = {"cold": "cold (plain vLLM, prefix caching off)", "local": "vLLM local 
           "redis store": "kvtier redis, storing run", "redis": "kvtier warm, redis tier (fresh process)",
           "node store": "kvtier node, storing run", "node": "kvtier warm, node tier (fresh process)",
           "redis-slow store": "kvtier redis over a slow link, storing run",
-          "redis-slow": "kvtier warm, redis over a slow link (fresh process)",
+          "redis-slow always": "kvtier redis over a slow link, load_policy always (fresh process)",
+          "redis-slow": "kvtier redis over a slow link, auto, first contact (fresh process)",
+          "redis-slow learned": "kvtier redis over a slow link, auto, 2nd run (same process)",
+          "redis-mid store": "kvtier redis over a mid link, storing run",
+          "redis-mid always": "kvtier redis over a mid link, load_policy always (fresh process)",
+          "redis-mid": "kvtier redis over a mid link, auto, first contact (fresh process)",
+          "redis-mid learned": "kvtier redis over a mid link, auto, 2nd run (same process)",
           "example store": "ExampleConnector, storing run", "example": "ExampleConnector warm (fresh process)"}
 
 
 def check(results: dict[str, list[Timed]], token_counts: list[int]) -> list[str]:
-    """FAIL lines: a warm run with another first token than cold, or a kvtier run that did not hit."""
+    """FAIL lines: a warm run with another first token than cold, or a kvtier run that did not hit
+    (the throttled tiers may recompute, except with ``load_policy: always``)."""
     fails = []
     for i, n in enumerate(token_counts):
         cold = results["cold"][i]
         fails += [f"FAIL: the {n}-token prompt has {cold.prompt_tokens} tokens"] if cold.prompt_tokens != n else []
         fails += [f"FAIL: {n} tokens, {LABELS[name]}: first token {results[name][i].token} != cold {cold.token}"
-                  for name in ("local", *WARM_TIERS, "example") if results[name][i].token != cold.token]
+                  for name in ("local", *WARM_TIERS, *LINK_RUNS, "example") if results[name][i].token != cold.token]
+        loaded = (*WARM_TIERS, *(f"{link} always" for link in LINKS))
         fails += [f"FAIL: {n} tokens, {LABELS[tier]}: {results[tier][i].cached} cached tokens, want >= {n - BLOCK}"
-                  for tier in WARM_TIERS if results[tier][i].cached < n - BLOCK]
+                  for tier in loaded if results[tier][i].cached < n - BLOCK]
     return fails
 
 
@@ -256,13 +281,24 @@ def to_markdown(results: dict[str, list[Timed]], token_counts: list[int]) -> str
         lines.append(f"| {label} | {cells} |")
     lines += ["", "| ratio | target | " + " | ".join(f"{n} tok" for n in token_counts) + " |",
               "|---|---|" + "---|" * len(token_counts)]
-    for tier in ("disk", "cpu", "redis", "node", "redis-slow"):
+    for tier in ("disk", "cpu", "redis", "node"):
         for base, label, target in BASELINES:
             cells = []
             for warm, ref in zip(results[tier], results[base]):
                 ratio = warm.ttft / ref.ttft
                 cells.append(f"{ratio:.2f} {'ok' if ratio <= target else 'MISSED'}")
             lines.append(f"| warm-{tier} / {label} | <= {target} | " + " | ".join(cells) + " |")
+    lines.append("| warm-redis / warm-disk | <= 1.3 | " + " | ".join(
+        f"{r.ttft / d.ttft:.2f} {'ok' if r.ttft <= 1.3 * d.ttft else 'MISSED'}"
+        for r, d in zip(results["redis"], results["disk"])) + " |")
+    for link in LINKS:
+        for run in ("", " learned"):
+            cells = []
+            for auto, cold, always in zip(results[link + run], results["cold"], results[f"{link} always"]):
+                ratio = auto.ttft / min(cold.ttft, always.ttft)
+                cells.append(f"{ratio:.2f} {'ok' if ratio <= LINK_TARGET else 'MISSED'}")
+            label = "first contact" if not run else "learned"
+            lines.append(f"| {link} auto, {label} / min(cold, always) | <= {LINK_TARGET} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -284,7 +320,9 @@ def main() -> None:
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
     parser.add_argument("--slow-mbytes-per-s", type=float, default=4.0,
                         help="redis-slow: the link's bandwidth per direction (MB/s)")
-    parser.add_argument("--slow-latency-ms", type=float, default=1.0, help="redis-slow: the link's one-way delay")
+    parser.add_argument("--mid-mbytes-per-s", type=float, default=40.0,
+                        help="redis-mid: the link's bandwidth per direction (MB/s)")
+    parser.add_argument("--link-latency-ms", type=float, default=1.0, help="both links' one-way delay")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -304,19 +342,22 @@ def main() -> None:
           f"{' '.join(sys.argv)}\n# model: random Llama {BENCH_SPEC}, float32; vLLM block {BLOCK}, kvtier chunk "
           f"{CHUNK}; env {env}", flush=True)
     model = make_tiny_llama(args.model_dir, BENCH_SPEC)
-    print(f"# redis-slow: {args.slow_mbytes_per_s:g} MB/s per direction, {args.slow_latency_ms:g} ms one way; "
-          "kvtier server --max-bytes 2GiB --slot-bytes 1MiB", flush=True)
+    print(f"# redis-slow: {args.slow_mbytes_per_s:g} MB/s per direction, redis-mid: {args.mid_mbytes_per_s:g} MB/s, "
+          f"{args.link_latency_ms:g} ms one way; kvtier server --max-bytes 2GiB --slot-bytes 1MiB", flush=True)
     with redis_server(args.redis_url) as url, tempfile.TemporaryDirectory(prefix="kvtier-ttft-", dir="/tmp") as tmp:
         redis_at = urlsplit(url)
         socket_path = os.path.join(tmp, "node.sock")  # a short path: a socket's is at most 107 bytes
-        with ThrottledProxy(redis_at.hostname, redis_at.port, args.slow_mbytes_per_s * 1e6,
-                            args.slow_latency_ms / 1e3) as proxy, node_server(socket_path, "2GiB", "1MiB") as pid:
-            slow_url = url.replace(f":{redis_at.port}", f":{proxy.port}", 1)
-            results = measure(model, args.tokens, Path(tmp), Stores(url, slow_url, socket_path, pid))
+        delay = args.link_latency_ms / 1e3
+        with ThrottledProxy(redis_at.hostname, redis_at.port, args.slow_mbytes_per_s * 1e6, delay) as slow, \
+                ThrottledProxy(redis_at.hostname, redis_at.port, args.mid_mbytes_per_s * 1e6, delay) as mid, \
+                node_server(socket_path, "2GiB", "1MiB") as pid:
+            slow_url, mid_url = (url.replace(f":{redis_at.port}", f":{p.port}", 1) for p in (slow, mid))
+            results = measure(model, args.tokens, Path(tmp), Stores(url, slow_url, mid_url, socket_path, pid))
     print(to_markdown(results, args.tokens))
     fails = check(results, args.tokens)
     print("\n".join(noise(results, args.tokens)) or f"noise: other processes used < {NOISY} cores in every timed run")
-    print("\n".join(fails) if fails else "checks: every warm run has the cold run's first token; kvtier runs hit")
+    print("\n".join(fails) if fails else "checks: every warm run has the cold run's first token; kvtier runs hit "
+          "(throttled tiers: with load_policy always)")
     sys.exit(1 if fails else 0)
 
 

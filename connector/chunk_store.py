@@ -30,6 +30,7 @@ from kvtier.chunk_format.keys import KeyNamespace, chunk_keys, page_key_digest, 
 from kvtier.cuda_ext import KVCopier, PagedKV
 from kvtier.storage_backends.tiered import TieredStore
 
+from .load_cost import LoadReport
 from .transfers import ChunkLoad
 
 log = logging.getLogger(__name__)
@@ -175,13 +176,15 @@ class ChunkStore:
             encoder.shutdown(wait=True)
 
     def load_keys(self, keys: Sequence[str], paged: PagedKV, chunk_slots: Sequence[torch.Tensor],
-                  num_tokens: Sequence[int], skip_units: int = 0) -> int:
-        """Load the chunks under ``keys`` into their slots; returns as :meth:`load`."""
+                  num_tokens: Sequence[int], skip_units: int = 0, recompute_s_per_token: float | None = None,
+                  report: LoadReport | None = None) -> int:
+        """Load the chunks under ``keys`` into their slots; returns as :meth:`load` (the other
+        arguments as :meth:`fetch_keys`)."""
         if len(keys) != len(chunk_slots) or len(num_tokens) != len(chunk_slots):
             raise ValueError(f"{len(keys)} keys, {len(chunk_slots)} slot tensors, {len(num_tokens)} token counts")
         if not chunk_slots:
             return 0
-        load = self.fetch_keys(keys, paged, chunk_slots, num_tokens, skip_units)
+        load = self.fetch_keys(keys, paged, chunk_slots, num_tokens, skip_units, recompute_s_per_token, report)
         for payload, slots in zip(load.payloads, load.slots):
             self.copier.scatter(payload[None], paged, slots[None])
         return len(load.payloads)
@@ -196,17 +199,23 @@ class ChunkStore:
         return self.fetch_keys(keys, paged, chunk_slots, counts, skip_units)
 
     def fetch_keys(self, keys: Sequence[str], paged: PagedKV, chunk_slots: Sequence[torch.Tensor],
-                   num_tokens: Sequence[int], skip_units: int = 0) -> ChunkLoad:
+                   num_tokens: Sequence[int], skip_units: int = 0, recompute_s_per_token: float | None = None,
+                   report: LoadReport | None = None) -> ChunkLoad:
         """Read and check the chunks under ``keys``; a missing, corrupt or mismatched one ends the
         prefix there. Payloads are the tier's own buffers where possible (zero-copy views of the
-        cpu tier); for a CUDA cache they are pinned, so the kernels read them directly."""
+        cpu tier); for a CUDA cache they are pinned, so the kernels read them directly.
+
+        With ``recompute_s_per_token`` (the engine's prefill speed) the chunks are read 1, 2, 4...
+        at a time, and reading stops, ending the prefix, once it runs slower per token than
+        recomputing would: a tier slower than its estimate costs at most the reads before the check.
+        ``report`` is told each tier read (tokens, seconds) for the estimates."""
         if len(keys) != len(chunk_slots) or len(num_tokens) != len(chunk_slots):
             raise ValueError(f"{len(keys)} keys, {len(chunk_slots)} slot tensors, {len(num_tokens)} token counts")
         load = ChunkLoad([], [])
         if not chunk_slots:
             return load
         self._check_paged(paged)
-        found = self.store.get(list(keys))
+        found = self._read(list(keys), list(num_tokens), recompute_s_per_token, report)
         for j, (key, chunk) in enumerate(zip(keys, found)):
             expected = (paged.chunk_shape(len(chunk_slots[j])), num_tokens[j])
             if chunk is None or not self._matches(key, chunk, *expected, paged):
@@ -220,6 +229,34 @@ class ChunkStore:
             load.payloads.append(payload)
             load.slots.append(chunk_slots[j][skip:])
         return load
+
+    def _read(self, keys: list[str], num_tokens: list[int], recompute_s_per_token: float | None,
+              report: LoadReport | None) -> list[Chunk | None]:
+        """The chunks under ``keys`` (see :meth:`fetch_keys`), possibly fewer: a prefix of them."""
+        found: list[Chunk | None] = []
+        batch = 1 if recompute_s_per_token else len(keys)
+        started = time.perf_counter()
+        while len(found) < len(keys):
+            first = len(found)
+            reads: list[tuple[str, int, float]] = []
+            got = self.store.get(keys[first : first + batch], lambda *read, into=reads: into.append(read))
+            found.extend(got)
+            if report is not None and reads:
+                hit_tokens = sum(n for n, chunk in zip(num_tokens[first:], got) if chunk is not None)
+                read_bytes = sum(nbytes for _, nbytes, _ in reads) or 1
+                for tier, nbytes, seconds in reads:  # a batch's tokens shared out by bytes among its tiers
+                    report.add(tier, hit_tokens * nbytes / read_bytes, seconds)
+            if any(chunk is None for chunk in got):
+                break
+            done = sum(num_tokens[: len(found)])
+            elapsed = time.perf_counter() - started
+            if recompute_s_per_token and len(found) < len(keys) and elapsed > done * recompute_s_per_token:
+                log.info("kvtier: loading ran at %.3g ms per token, slower than recomputing (%.3g ms): "
+                         "recomputing the last %d of %d chunks", 1e3 * elapsed / done, 1e3 * recompute_s_per_token,
+                         len(keys) - len(found), len(keys))
+                break
+            batch *= 2
+        return found
 
     def _range_keys(self, tokens: Tokens, salt: str, first: int, count: int) -> list[str]:
         include_partial = first + count > len(tokens) // self.chunk_size

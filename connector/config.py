@@ -114,7 +114,13 @@ class KVTierConfig(_Strict):
     chunk_size: int = Field(default=256, ge=1, le=1 << 20)
     tiers: list[TierConfig] = Field(min_length=1)  # each validated by its registered type
     write_policy: Literal["write_through", "top_only"] = "write_through"
-    load_mode: Literal["sync", "async"] = "sync"  # async: the engine parks a request while its KV loads
+    # sync: loads before the forward pass; async: the engine parks a request while its KV loads; auto: async
+    # for loads estimated to take longer than async_load_above_s (connector/load_cost.py)
+    load_mode: Literal["sync", "async", "auto"] = "auto"
+    async_load_above_s: float = Field(default=0.1, gt=0, le=3600)
+    # auto: load only what is cheaper to load than to recompute (running estimates); always: everything the
+    # tiers hold; never: recompute everything (saves still happen)
+    load_policy: Literal["auto", "always", "never"] = "auto"
     # always: vLLM saves every chunk; on_reuse: only once an earlier request shared it (connector/admission.py)
     save_policy: Literal["always", "on_reuse"] = "always"
     reuse_memory_chunks: int = Field(default=1 << 18, ge=1, le=1 << 26)  # chunk digests on_reuse remembers

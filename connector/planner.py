@@ -61,13 +61,19 @@ class StepPlan:
     ``loads`` complete before the forward pass (layer by layer on GPU); ``async_loads`` run in the
     background for requests the engine parks until the worker reports them finished.
     ``preempted``: the engine freed the blocks of preempted requests this step, so copies still
-    reading blocks must finish before the forward pass may overwrite them.
+    reading blocks must finish before the forward pass may overwrite them. ``step`` numbers the
+    plans; ``timed``: the scheduler times this step (the workers report kvtier's time in it);
+    ``recompute_s_per_token``: the engine's estimated prefill speed, below which loads stop
+    (None: no estimate, load everything).
     """
 
     loads: list[TransferSpec] = field(default_factory=list)
     saves: list[TransferSpec] = field(default_factory=list)
     async_loads: list[TransferSpec] = field(default_factory=list)
     preempted: bool = False
+    step: int = 0
+    timed: bool = False
+    recompute_s_per_token: float | None = None
 
 
 @dataclass
@@ -112,9 +118,10 @@ class RequestPlanner:
         return max(0, min(held, chain.num_tokens - 1) - num_computed) if self._load else 0
 
     def allocated(self, req_id: str, chain: PromptChain, salt: str, num_external: int,
-                  block_ids: Sequence[int] = ()) -> None:
+                  block_ids: Sequence[int] = (), background: bool | None = None) -> None:
         """The engine allocated blocks (``block_ids``, in token order) for a request;
-        ``num_external`` tokens come from kvtier."""
+        ``num_external`` tokens come from kvtier, in the background if ``background`` (None: as
+        the planner's ``async_loads`` says)."""
         held, local = self._held.pop(req_id, (0, 0))
         req = self._requests.get(req_id)
         if req is None:  # once per request: a preempted one that resumes is not a second sighting
@@ -124,7 +131,7 @@ class RequestPlanner:
         prompt = chain.num_tokens
         stored = held // self.chunk_size + (1 if held == prompt and held % self.chunk_size else 0)
         req.saved_chunks = max(req.saved_chunks, stored)
-        if self.async_loads and num_external:  # the request waits unscheduled: load in the next step
+        if (self.async_loads if background is None else background) and num_external:  # parked: load next step
             req.block_ids = list(block_ids)
             self._pending_async.append(self._load_spec(req_id, req, local, local + num_external))
         else:

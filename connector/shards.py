@@ -11,7 +11,7 @@ exactly the number of leading chunks that *every* shard holds. Engine-agnostic.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +52,20 @@ class ShardSet:
 
     def held_tokens(self, store: TieredStore, chain: PromptChain, salt: str = "") -> int:
         """Leading tokens of the prompt whose chunks every shard holds (a stored tail counts too)."""
+        return sum(tokens for _, tokens in self.held_runs(store, chain, salt))
+
+    def held_runs(self, store: TieredStore, chain: PromptChain, salt: str = "",
+                  observe: Callable[[str, float], None] | None = None) -> list[tuple[str, int]]:
+        """:meth:`held_tokens` as runs of (tier, tokens) from token 0 (a chunk counts in the tier
+        where its last shard was found); ``observe`` as :meth:`TieredStore.contains_by_tier`."""
         if not chain.digests:
-            return 0
-        held_chunks = store.contains(self.keys(chain.digests, salt)) // len(self.namespaces)
-        return min(chain.num_tokens, held_chunks * chain.chunk_size)
+            return []
+        shards = len(self.namespaces)
+        runs, keys_seen, tokens_seen = [], 0, 0
+        for tier, count in store.contains_by_tier(self.keys(chain.digests, salt), observe):
+            keys_seen += count
+            tokens = min(chain.num_tokens, keys_seen // shards * chain.chunk_size) - tokens_seen
+            if tokens > 0:
+                runs.append((tier, tokens))
+                tokens_seen += tokens
+        return runs

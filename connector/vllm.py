@@ -34,11 +34,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 
 from kvtier.connector.store_factory import is_process_local
 
 from .engine_setup import EngineSetup, engine_config
+from .load_cost import StepReport
 from .planner import StepPlan
 from .vllm_layout import CacheShape, EngineLayout, model_settings
 from .vllm_scheduler import KVTierScheduler
@@ -51,9 +53,11 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-__all__ = ["KVTierConnector", "KVTierConnectorMetadata", "KVTierScheduler", "KVTierWorker", "register"]
+__all__ = ["KVTierConnector", "KVTierConnectorMetadata", "KVTierScheduler", "KVTierWorker", "KVTierWorkerMetadata",
+           "register"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,19 @@ class KVTierConnectorMetadata(KVConnectorMetadata):
     """What the scheduler sends the workers each step: the step's plan."""
 
     plan: StepPlan
+
+
+@dataclass
+class KVTierWorkerMetadata(KVConnectorWorkerMetadata):
+    """What the workers send the scheduler after a step: their reads and kvtier's time in the step
+    (vLLM merges every worker's with :meth:`aggregate`)."""
+
+    report: StepReport
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if isinstance(other, KVTierWorkerMetadata):
+            self.report.merge(other.report)
+        return self
 
 
 def _usable(setup: EngineSetup, layout: EngineLayout, announce: bool) -> bool:
@@ -157,6 +174,11 @@ class KVTierConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         return KVTierConnectorMetadata(self.scheduler.build_plan(scheduler_output))
 
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, KVTierWorkerMetadata):
+            self.scheduler.report(meta.report)
+
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler.request_finished(request), None
 
@@ -186,6 +208,10 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.get_block_ids_with_load_errors()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        report = self.worker.step_report()
+        return None if report is None else KVTierWorkerMetadata(report)
 
     def shutdown(self) -> None:
         if self._scheduler is not None:

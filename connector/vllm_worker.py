@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,7 @@ from kvtier.cuda_ext import PagedKV, make_copier
 
 from .chunk_store import ChunkStore
 from .engine_setup import EngineSetup, StoreLease, writes_chunks
+from .load_cost import LoadReport, StepReport
 from .planner import StepPlan, TransferSpec, chunk_slots
 from .transfers import ChunkLoad, CopyStreams, LayerwiseLoad, SaveTracker
 from .vllm_layout import CacheShape, EngineLayout, namespace, worker_layers, worker_ranks
@@ -68,6 +70,10 @@ class KVTierWorker:
         self._failed_lock = threading.Lock()
         self._failed_blocks: set[int] = set()
         self._saves = SaveTracker()
+        self._report_lock = threading.Lock()
+        self._loads_report = LoadReport()  # reads since the last step report (the loader thread adds too)
+        self._step_s = 0.0  # kvtier's time on this step's path so far
+        self._step: tuple[int, bool] | None = None  # (plan number, timed) of the step to report
         self._closed = False
         self._lease: StoreLease | None = None
         if active:
@@ -97,8 +103,11 @@ class KVTierWorker:
 
     def start_load_kv(self, plan: StepPlan) -> None:
         """Fetch this step's synchronous loads (copied layer by layer) and start its async ones."""
+        started = time.perf_counter()
+        self._step_s = 0.0
         self._finish_layer_load()
-        fetched = [(spec, load) for spec in plan.loads if (load := self._fetch(spec)) is not None]
+        fetched = [(spec, load) for spec in plan.loads
+                   if (load := self._fetch(spec, plan.recompute_s_per_token)) is not None]
         try:
             self._layer_load = LayerwiseLoad(self._chunks.copier, self._paged, [ld for _, ld in fetched], self._streams)
         except Exception:  # nothing was copied: vLLM recomputes these requests
@@ -108,19 +117,42 @@ class KVTierWorker:
         for spec in plan.async_loads:  # parked requests: vLLM waits for get_finished to name them
             if self._loader is None:
                 self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
-            self._loading[spec.req_id] = self._loader.submit(self._load, spec)
+            self._loading[spec.req_id] = self._loader.submit(self._load, spec, plan.recompute_s_per_token)
+        self._step_s += time.perf_counter() - started
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Just before a layer's attention: its loaded chunks are in the cache."""
         if self._layer_load is not None:
+            started = time.perf_counter()
             self._layer_load.wait(self._layer_index.get(layer_name, len(self._layer_index) - 1))
+            self._step_s += time.perf_counter() - started
 
     def wait_for_save(self, plan: StepPlan | None) -> None:
         """After the forward pass: finish the loads, gather the step's saves (all layers at once) and
         hand them to the tiers; a producer waits until they have reached every tier."""
-        self._finish_layer_load()
-        if plan is None:
-            return
+        started = time.perf_counter()
+        try:
+            self._finish_layer_load()
+            if plan is not None:
+                self._save(plan)
+        finally:
+            self._step_s += time.perf_counter() - started
+        if plan is not None:
+            self._step = (plan.step, plan.timed)
+
+    def step_report(self) -> StepReport | None:
+        """After a step: kvtier's time on its path (if the scheduler times it) and the reads since
+        the last report; None when there is nothing to tell."""
+        step, self._step = self._step, None
+        with self._report_lock:
+            loads, self._loads_report = self._loads_report, LoadReport()
+        timed = step is not None and step[1]
+        if not timed and not loads.tiers:
+            return None
+        return StepReport(step[0] if step is not None else 0, timed, self._step_s, loads)
+
+    def _save(self, plan: StepPlan) -> None:
+        """Gather the step's saves on the store stream and hand them to the tiers."""
         with self._streams.storing():
             for spec in plan.saves if self._writer else ():  # MLA: rank 0 alone writes the shared latent KV
                 try:
@@ -174,24 +206,32 @@ class KVTierWorker:
         """The leading tokens the engine holds, in the slots' units (blocks for opaque layouts)."""
         return spec.skip_tokens // self._shape.block_size if self._shape.per_block else spec.skip_tokens
 
-    def _fetch(self, spec: TransferSpec) -> ChunkLoad | None:
+    def _fetch(self, spec: TransferSpec, recompute_s_per_token: float | None) -> ChunkLoad | None:
         """A synchronous load's chunks, read and checked now; copied into the cache layer by layer."""
+        report = LoadReport()
         try:
-            load = self._chunks.fetch_keys(*self._moves(spec), self._skip_units(spec))
+            load = self._chunks.fetch_keys(*self._moves(spec), self._skip_units(spec), recompute_s_per_token, report)
         except Exception:
             log.exception("kvtier: loading %s failed; vLLM recomputes it", spec.req_id)
             load = ChunkLoad([], [])
+        self._reported(report)
         self._check_loaded(spec, len(load.payloads))
         return load if load.payloads else None
 
-    def _load(self, spec: TransferSpec) -> None:
+    def _load(self, spec: TransferSpec, recompute_s_per_token: float | None) -> None:
         """An async load: fetch and copy at once, on the loader thread."""
+        report = LoadReport()
         try:
-            loaded = self._chunks.load_keys(*self._moves(spec), self._skip_units(spec))
+            loaded = self._chunks.load_keys(*self._moves(spec), self._skip_units(spec), recompute_s_per_token, report)
         except Exception:
             log.exception("kvtier: loading %s failed; vLLM recomputes it", spec.req_id)
             loaded = 0
+        self._reported(report)
         self._check_loaded(spec, loaded)
+
+    def _reported(self, report: LoadReport) -> None:
+        with self._report_lock:
+            self._loads_report.merge(report)
 
     def _check_loaded(self, spec: TransferSpec, loaded: int) -> None:
         """Record the blocks from the first chunk not loaded on (vLLM recomputes from there)."""

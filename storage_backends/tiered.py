@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
@@ -27,6 +27,8 @@ from .lookup_guard import DEFAULT_LOOKUP_BUDGET_S, GuardedLookup, bounded_lookup
 log = logging.getLogger(__name__)
 
 WritePolicy = Literal["write_through", "top_only"]
+# Told after each tier read that found something: (tier name, bytes read, seconds the read took).
+ReadObserver = Callable[[str, int, float], None]
 
 
 class _TierWriter:
@@ -141,25 +143,41 @@ class TieredStore:
         """Leading chunks present in any tier (chunk i may sit in disk, chunk i+1 in cpu). A tier that
         does not answer within ``lookup_budget_s`` counts as a miss, so the scheduler never waits
         longer than that per tier that is not process-local."""
+        return sum(count for _, count in self.contains_by_tier(keys))
+
+    def contains_by_tier(self, keys: Sequence[str],
+                         observe: Callable[[str, float], None] | None = None) -> list[tuple[str, int]]:
+        """:meth:`contains`, told as runs: (tier name, how many of the next keys it holds), in order.
+        ``observe`` is told how long each tier's lookup took (a round trip: its latency)."""
+        runs: list[tuple[str, int]] = []
         pos = 0
         while pos < len(keys):
-            for lookup in self._lookups:
+            for tier, lookup in zip(self.tiers, self._lookups):
+                started = time.perf_counter()
                 found = lookup.contains(keys[pos:])
+                if observe is not None:
+                    observe(tier.name, time.perf_counter() - started)
                 if found:
                     pos += found
+                    runs.append((tier.name, found))
                     break
             else:
                 break
-        return pos
+        return runs
 
-    def get(self, keys: Sequence[str]) -> list[Chunk | None]:
-        """Validated chunks (None for a miss); hits below the top tier are promoted upwards."""
+    def get(self, keys: Sequence[str], observe: ReadObserver | None = None) -> list[Chunk | None]:
+        """Validated chunks (None for a miss); hits below the top tier are promoted upwards.
+        ``observe`` is told each tier read that found something (for load-cost estimates)."""
         result: list[Chunk | None] = [None] * len(keys)
         missing = list(range(len(keys)))
         for depth, tier in enumerate(self.tiers):
             if not missing:
                 break
+            started = time.perf_counter()
             blobs = tier.get([keys[i] for i in missing])
+            if observe is not None and any(blob is not None for blob in blobs):
+                observe(tier.name, sum(memoryview(b).nbytes for b in blobs if b is not None),
+                        time.perf_counter() - started)
             still, promote = [], []
             for i, blob in zip(missing, blobs):
                 chunk = self._validate(depth, keys[i], blob) if blob is not None else None
