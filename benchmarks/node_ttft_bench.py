@@ -78,7 +78,6 @@ def measure_ttft(model: Path, token_counts: list[int], rounds: int, folder: Path
     for r in range(rounds):
         base = {"model": str(model), "max_len": max(token_counts) + 16, "kv": None, "prefix_caching": False,
                 "redis_port": None, "server_pids": [server_pid],
-                "warmup": prompt_text(24, seed=1, vocab=BENCH_SPEC.vocab),
                 "prompts": [prompt_text(n, seed=5000 + 100 * r + n, vocab=BENCH_SPEC.vocab) for n in token_counts]}
 
         def job(name: str, repeats: int = 1, retries: int = 2, r: int = r, base: dict = base,

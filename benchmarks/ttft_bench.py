@@ -1,9 +1,11 @@
 """Time to first token of a long prompt with vLLM on CPU: cold, vLLM's own prefix cache, kvtier's
-cpu / disk / redis / node tiers, a redis tier behind a slow link, and vLLM's in-tree
+cpu / disk / redis / Redis Cluster (3 masters) / node tiers, a redis tier behind slow links, and vLLM's in-tree
 ExampleConnector, all measured in one run.
 
 Each engine runs in a subprocess (this script with ``--child``). TTFT = wall time of
-``generate([prompt], max_tokens=1)`` after a warm-up ``generate`` of an unrelated short prompt.
+``generate([prompt], max_tokens=1)`` after a warm-up ``generate`` of an unrelated 512-token prompt
+that is new in every process (so no store holds it: the engine computes it, and kvtier's
+load-or-recompute estimate learns the engine's prefill speed from it, as from a first request).
 vLLM's prefix cache is off except in the local-prefix run, so a kvtier hit comes from kvtier.
 Disk, redis, node (a ``kvtier server`` started here) and ExampleConnector store in one process and
 load in a fresh one (disk reads come from the page cache). **redis-slow** and **redis-mid** are the
@@ -44,9 +46,10 @@ BLOCK = 128  # vLLM's KV block size on CPU
 CHUNK = 256  # kvtier chunk_size
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
              "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+WARMUP_TOKENS = 512  # the warm-up prompt: fresh in every process, long enough to time a prefill
 SETTLE_S = 2.0  # pause between runs of a prompt in one process: the previous run's stores are written
 NOISY = 0.3  # cores used by other processes during a timed run that make it suspect
-WARM_TIERS = ("cpu", "disk", "redis", "node")
+WARM_TIERS = ("cpu", "disk", "redis", "cluster", "node")
 LINKS = ("redis-slow", "redis-mid")  # Redis behind the throttling proxy
 LINK_RUNS = tuple(f"{link}{run}" for link in LINKS for run in (" always", "", " learned"))
 LINK_TARGET = 1.1  # a throttled tier's TTFT against the better of recompute and load
@@ -115,7 +118,13 @@ def child(job: dict[str, Any]) -> None:
     llm = LLM(model=job["model"], max_model_len=job["max_len"], enforce_eager=True, dtype="float32", seed=0,
               kv_cache_memory_bytes=1 << 30, enable_prefix_caching=job["prefix_caching"], **extra)
     params = SamplingParams(max_tokens=1, temperature=0)
-    llm.generate([job["warmup"]], params, use_tqdm=False)
+    from kvtier.tiny_model import prompt_text
+
+    # A prompt no store holds (a seed of its own per process): the engine computes it, as it would
+    # its first requests in production, and kvtier's load-or-recompute estimate learns its prefill speed.
+    warmup = prompt_text(min(WARMUP_TOKENS, job["max_len"] - 16), seed=int.from_bytes(os.urandom(4), "little"),
+                         vocab=BENCH_SPEC.vocab)
+    llm.generate([warmup], params, use_tqdm=False)
     # The CPU of the servers a load uses (redis-server, a kvtier node server) is part of it, not noise.
     servers = server_stats(job["redis_port"]) + [Path(f"/proc/{pid}/stat") for pid in job.get("server_pids", ())]
     results = []
@@ -150,6 +159,10 @@ def run_child(job: dict[str, Any], retries: int, timeout: float = 900) -> list[l
         if done.returncode != 0 or not lines:
             raise SystemExit(f"FAIL: engine {job['name']} exited with {done.returncode}:\n{done.stderr[-4000:]}")
         runs = [[Timed(*run) for run in prompt] for prompt in json.loads(lines[-1].removeprefix("RESULT "))]
+        said = [line for line in (done.stdout + done.stderr).splitlines() if "kvtier:" in line and (
+                "WARNING" in line or "slower" in line or "faster" in line)]
+        for line in said:  # what kvtier decided (loads stopped, tiers judged): part of the result
+            print(f"  {job['name']}: {line.strip()[-220:]}", file=sys.stderr, flush=True)
         if best is None or _disturbance(runs) < _disturbance(best):
             best = runs
         if _disturbance(best) <= 0:
@@ -179,10 +192,12 @@ class Stores:
     """Where the shared tiers are: Redis, the same Redis behind the throttling proxy, a node server."""
 
     redis_url: str
+    cluster_url: str
     slow_url: str
     mid_url: str
     node_socket: str
     node_pid: int
+    cluster_pids: tuple[int, ...] = ()
 
 
 def kvtier_config(folder: Path, tier: str, stores: Stores, load_policy: str = "auto") -> dict[str, Any]:
@@ -190,6 +205,7 @@ def kvtier_config(folder: Path, tier: str, stores: Stores, load_policy: str = "a
     tiers = {"cpu": "{type: cpu, max_bytes: 2GiB}",
              "disk": f"{{type: disk, path: '{folder / 'disk'}', max_bytes: 4GiB}}",
              "redis": f"{{type: redis, url: '{stores.redis_url}'}}",
+             "cluster": f"{{type: redis, url: '{stores.cluster_url}'}}",
              # a blob may take seconds on a slow link: each socket wait is bounded by op_timeout_s;
              # keys of their own: the same Redis holds the redis configuration's chunks of the same prompts
              "redis-slow": f"{{type: redis, url: '{stores.slow_url}', key_prefix: 'kvtier-slow:', op_timeout_s: 60}}",
@@ -204,11 +220,10 @@ def measure(model: Path, token_counts: list[int], folder: Path, stores: Stores) 
     """All configurations; ``name -> one Timed per prompt length``."""
     from kvtier.tiny_model import prompt_text
 
-    # The CPU of the servers a load uses is part of it, not noise: the node server, and this process
-    # (the throttling proxy's thread); redis-server is found by its port.
+    # The CPU of the servers a load uses is part of it, not noise: the node server, the cluster's
+    # redis-servers, and this process (the throttling proxies' threads); redis-server is found by its port.
     base = {"model": str(model), "max_len": max(token_counts) + 16, "kv": None, "prefix_caching": False,
-            "redis_port": urlsplit(stores.redis_url).port, "server_pids": [stores.node_pid, os.getpid()],
-            "warmup": prompt_text(24, seed=1, vocab=BENCH_SPEC.vocab),
+            "redis_port": urlsplit(stores.redis_url).port, "server_pids": [stores.node_pid, os.getpid(), *stores.cluster_pids],
             "prompts": [prompt_text(n, seed=1000 + n, vocab=BENCH_SPEC.vocab) for n in token_counts]}
 
     def job(name: str, repeats: int = 1, retries: int = 2, **overrides: Any) -> list[list[Timed]]:
@@ -221,7 +236,7 @@ def measure(model: Path, token_counts: list[int], folder: Path, stores: Stores) 
     out["cpu store"], out["cpu"] = [r[0] for r in cpu], [r[1] for r in cpu]
     example = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
                "kv_connector_extra_config": {"shared_storage_path": str(folder / "example")}}
-    shared = [(tier, kvtier_config(folder, tier, stores)) for tier in ("disk", "redis", "node", *LINKS)]
+    shared = [(tier, kvtier_config(folder, tier, stores)) for tier in ("disk", "redis", "cluster", "node", *LINKS)]
     for name, kv in (*shared, ("example", example)):
         out[f"{name} store"] = [r[0] for r in job(f"{name} store", retries=0, kv=kv)]
         if name in LINKS:  # load whatever it costs; then kvtier's choice, on first contact and learned
@@ -240,6 +255,8 @@ LABELS = {"cold": "cold (plain vLLM, prefix caching off)", "local": "vLLM local 
           "cpu store": "kvtier cpu, storing run", "cpu": "kvtier warm, cpu tier (same process)",
           "disk store": "kvtier disk, storing run", "disk": "kvtier warm, disk tier (fresh process)",
           "redis store": "kvtier redis, storing run", "redis": "kvtier warm, redis tier (fresh process)",
+          "cluster store": "kvtier Redis Cluster (3 masters), storing run",
+          "cluster": "kvtier warm, Redis Cluster tier (fresh process)",
           "node store": "kvtier node, storing run", "node": "kvtier warm, node tier (fresh process)",
           "redis-slow store": "kvtier redis over a slow link, storing run",
           "redis-slow always": "kvtier redis over a slow link, load_policy always (fresh process)",
@@ -281,16 +298,17 @@ def to_markdown(results: dict[str, list[Timed]], token_counts: list[int]) -> str
         lines.append(f"| {label} | {cells} |")
     lines += ["", "| ratio | target | " + " | ".join(f"{n} tok" for n in token_counts) + " |",
               "|---|---|" + "---|" * len(token_counts)]
-    for tier in ("disk", "cpu", "redis", "node"):
+    for tier in ("disk", "cpu", "redis", "cluster", "node"):
         for base, label, target in BASELINES:
             cells = []
             for warm, ref in zip(results[tier], results[base]):
                 ratio = warm.ttft / ref.ttft
                 cells.append(f"{ratio:.2f} {'ok' if ratio <= target else 'MISSED'}")
             lines.append(f"| warm-{tier} / {label} | <= {target} | " + " | ".join(cells) + " |")
-    lines.append("| warm-redis / warm-disk | <= 1.3 | " + " | ".join(
-        f"{r.ttft / d.ttft:.2f} {'ok' if r.ttft <= 1.3 * d.ttft else 'MISSED'}"
-        for r, d in zip(results["redis"], results["disk"])) + " |")
+    for tier in ("redis", "cluster"):
+        lines.append(f"| warm-{tier} / warm-disk | <= 1.3 | " + " | ".join(
+            f"{r.ttft / d.ttft:.2f} {'ok' if r.ttft <= 1.3 * d.ttft else 'MISSED'}"
+            for r, d in zip(results[tier], results["disk"])) + " |")
     for link in LINKS:
         for run in ("", " learned"):
             cells = []
@@ -333,6 +351,9 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from node_bench import node_server
     from storage_bench import redis_server
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' Redis Cluster helper
+    from redis_cluster import RedisCluster
     from throttle_proxy import ThrottledProxy
 
     from kvtier.tiny_model import make_tiny_llama
@@ -350,9 +371,11 @@ def main() -> None:
         delay = args.link_latency_ms / 1e3
         with ThrottledProxy(redis_at.hostname, redis_at.port, args.slow_mbytes_per_s * 1e6, delay) as slow, \
                 ThrottledProxy(redis_at.hostname, redis_at.port, args.mid_mbytes_per_s * 1e6, delay) as mid, \
-                node_server(socket_path, "2GiB", "1MiB") as pid:
+                node_server(socket_path, "2GiB", "1MiB") as pid, RedisCluster(masters=3) as cluster:
             slow_url, mid_url = (url.replace(f":{redis_at.port}", f":{p.port}", 1) for p in (slow, mid))
-            results = measure(model, args.tokens, Path(tmp), Stores(url, slow_url, mid_url, socket_path, pid))
+            stores = Stores(url, cluster.url(), slow_url, mid_url, socket_path, pid,
+                            tuple(node.proc.pid for node in cluster.nodes))
+            results = measure(model, args.tokens, Path(tmp), stores)
     print(to_markdown(results, args.tokens))
     fails = check(results, args.tokens)
     print("\n".join(noise(results, args.tokens)) or f"noise: other processes used < {NOISY} cores in every timed run")

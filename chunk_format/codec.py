@@ -142,6 +142,23 @@ def encode_chunk(
     return out  # a bytearray: converting to bytes would copy the payload once more
 
 
+def write_header_before(
+    buffer: memoryview, payload_start: int, key: str, dtype: str, shape: tuple[int, ...], layout: str, model: str,
+    num_tokens: int, *, shard: str = "", mac_key: IntegrityKey | None = None,
+) -> int | None:
+    """Make a chunk around a payload already in place: ``buffer[payload_start:]`` holds it (exactly its
+    bytes), and the header is written just before it, so the payload is never copied. Returns where
+    the blob starts in ``buffer`` (``buffer[start:]`` is then the chunk, byte for byte what
+    :func:`encode_chunk` makes), or None if the header does not fit before ``payload_start``."""
+    payload = buffer[payload_start:]
+    head = encode_header(key, dtype, shape, layout, model, num_tokens, payload, shard=shard, mac_key=mac_key)
+    start = payload_start - len(head)
+    if start < 0:
+        return None
+    buffer[start:payload_start] = head
+    return start
+
+
 def _field(header: dict, name: str, kind: type | tuple[type, ...]):
     value = header.get(name)
     if not isinstance(value, kind) or isinstance(value, bool):

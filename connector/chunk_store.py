@@ -24,12 +24,13 @@ from concurrent.futures import wait as futures_wait
 import numpy as np
 import torch
 
-from kvtier.chunk_format.codec import Chunk, encode_chunk
+from kvtier.chunk_format.codec import Chunk, encode_chunk, write_header_before
 from kvtier.chunk_format.dtypes import dtype_name
 from kvtier.chunk_format.keys import KeyNamespace, chunk_keys, page_key_digest, salted_digest, storage_key
 from kvtier.cuda_ext import KVCopier, PagedKV
 from kvtier.storage_backends.tiered import TieredStore
 
+from .gather_buffers import HEADROOM, GatherBuffers, GatherRun
 from .load_cost import LoadReport
 from .transfers import ChunkLoad
 
@@ -55,6 +56,7 @@ class ChunkStore:
         self._encoding: set[Future] = set()
         self._encoding_lock = threading.Lock()
         self._flush_late = False  # a flush ran out of time; logged once until one completes
+        self._gather_buffers = GatherBuffers()  # saves gather straight into their blobs' places
 
     def digest(self, salt: str = "") -> bytes:
         """The namespace digest for a request salt (cache_salt, LoRA adapter...)."""
@@ -125,10 +127,10 @@ class ChunkStore:
         gathered = []
         for start, group in _same_length_runs(chunk_slots):
             slots = torch.stack(list(group))
-            out = torch.empty((len(group), *paged.chunk_shape(slots.shape[1])), dtype=paged.dtype, device="cpu",
-                              pin_memory=paged.device.type == "cuda")  # pinned: the kernels write it directly
-            out, done = self.copier.gather_async(paged, slots, out=out)
-            gathered.append((start, out, done))
+            run = self._gather_buffers.take(len(group), paged.chunk_shape(slots.shape[1]), paged.dtype,
+                                            pinned=paged.device.type == "cuda")  # pinned: the kernels write it
+            _, done = self.copier.gather_async(paged, slots, out=run.out)
+            gathered.append((start, run, done))
         if wait or all(done.query() for _, _, done in gathered):
             return self._store_gathered(keys, num_tokens, paged.format_id, gathered, wait)
         # A GPU gather still running on its stream: encode and store once it is done, off this thread.
@@ -143,14 +145,28 @@ class ChunkStore:
     def _store_gathered(self, keys: Sequence[str], num_tokens: Sequence[int], format_id: str,
                         gathered: list, wait: bool) -> Future | int | None:
         items = []
-        for start, out, done in gathered:
+        for start, run, done in gathered:
             done.synchronize()
-            for j, chunk in enumerate(out):
-                key = keys[start + j]
-                items.append((key, encode_chunk(key, self.namespace.kv_dtype, tuple(chunk.shape), format_id,
-                                                self.namespace.model, num_tokens[start + j], _as_bytes(chunk),
-                                                shard=self.namespace.shard_id, mac_key=self.store.integrity_key)))
+            items += self._encode_run(keys[start : start + len(run.out)], num_tokens[start:], format_id, run)
         return self.store.put(items) if wait else self.store.put_async(items)
+
+    def _encode_run(self, keys: Sequence[str], num_tokens: Sequence[int], format_id: str,
+                    run: GatherRun) -> list[tuple[str, memoryview | bytearray]]:
+        """The run's chunks as (key, blob): headers written before the gathered payloads; a header too
+        long for the room (a very long model name) makes that chunk a copy."""
+        shape = tuple(run.out.shape[1:])
+        meta = dict(shard=self.namespace.shard_id, mac_key=self.store.integrity_key)
+        starts, copied = [], {}
+        for j, key in enumerate(keys):
+            slot = run.slot(j)
+            start = write_header_before(slot, HEADROOM, key, self.namespace.kv_dtype, shape, format_id,
+                                        self.namespace.model, num_tokens[j], **meta)
+            if start is None:
+                copied[j] = encode_chunk(key, self.namespace.kv_dtype, shape, format_id, self.namespace.model,
+                                         num_tokens[j], slot[HEADROOM:], **meta)
+            starts.append(start or 0)
+        blobs = self._gather_buffers.blobs(run, starts)
+        return [(key, copied.get(j, blobs[j])) for j, key in enumerate(keys)]
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every save so far has reached every tier (GPU gathers, encoding, tier writes), at
@@ -304,7 +320,3 @@ def _payload_tensor(chunk: Chunk, dtype: torch.dtype) -> torch.Tensor:
         flat = torch.frombuffer(chunk.payload, dtype=torch.uint8)
     return flat.view(dtype).view(chunk.header.shape)
 
-
-def _as_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw bytes of a contiguous CPU tensor (any dtype, bf16 and fp8 included), without a copy."""
-    return memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())

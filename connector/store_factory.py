@@ -65,7 +65,8 @@ def build_store(config: KVTierConfig, metric_set: MetricSet | None = None, share
             tier.close()
         raise
     return TieredStore(tiers, config.write_policy, config.max_pending_writes, lookup_budget_s=config.lookup_budget_s,
-                       integrity_key=integrity_key, flush_timeout_s=config.flush_timeout_s)
+                       integrity_key=integrity_key, flush_timeout_s=config.flush_timeout_s,
+                       writer_nice=config.writer_nice)
 
 
 def serve_metrics(metric_set: MetricSet, port: int, host: str = "127.0.0.1") -> object:

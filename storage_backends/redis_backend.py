@@ -33,6 +33,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .base import Buffer, StorageBackend
+from .buffer_pool import DEFAULT_KEPT_BYTES, BufferPool
 from .metrics import TierMetrics
 from .redis_common import (
     CMD_WARN_INTERVAL_S,
@@ -48,7 +49,7 @@ from .redis_common import (
     summarize_keys,
     wire_value,
 )
-from .redis_reader import DEFAULT_KEPT_BYTES, ReplyBuffers, get_pooled
+from .redis_reader import get_pooled
 from .summary import StoreSummary
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class RedisBackend(StorageBackend):
         self._closed = False
         self._breaker = CircuitBreaker(retry_interval_s)
         self._last_cmd_warn = float("-inf")
-        self._buffers = ReplyBuffers(read_buffer_bytes)
+        self._buffers = BufferPool(read_buffer_bytes)
 
     def _available(self, op: str) -> bool:
         """False while closed, and (counting an error) while the breaker is open."""

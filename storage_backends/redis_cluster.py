@@ -39,6 +39,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import AskError, ClusterDownError, MovedError, SlotNotCoveredError, TryAgainError
 
 from .base import Buffer, StorageBackend
+from .buffer_pool import DEFAULT_KEPT_BYTES, BufferPool
 from .metrics import TierMetrics
 from .redis_common import (
     CMD_WARN_INTERVAL_S,
@@ -54,7 +55,7 @@ from .redis_common import (
     parse_cluster_url,
     wire_value,
 )
-from .redis_reader import DEFAULT_KEPT_BYTES, ReplyBuffers, get_pooled
+from .redis_reader import get_pooled
 
 __all__ = ["ClusterUrl", "RedisClusterBackend", "is_cluster_url", "parse_cluster_url"]  # the URL parts re-exported
 
@@ -95,7 +96,7 @@ class RedisClusterBackend(StorageBackend):
         self._lock = threading.Lock()
         self._nodes: dict[str, CircuitBreaker] = {}  # the breaker of each master that failed
         self._last_cmd_warn = float("-inf")
-        self._buffers = ReplyBuffers(read_buffer_bytes)  # GET values are received into these (redis_reader)
+        self._buffers = BufferPool(read_buffer_bytes)  # GET values are received into these (redis_reader)
         self._closed = False
         self._refresh_due = 0.0  # monotonic time of the next allowed slot-map refresh
         self._refresher: threading.Thread | None = None

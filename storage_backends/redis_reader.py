@@ -5,36 +5,31 @@ into a new ``bytes``, whose fresh pages the kernel must fault in on first touch 
 about 2 ms per MiB here). A 32 MiB load spent as long in those copies as on the wire. This reader
 sends the pipelined GETs through the pooled connection (redis-py's ``pack_commands`` and
 ``send_packed_command``: AUTH, TLS, the database and timeouts stay redis-py's), then parses the RESP
-replies itself and ``recv_into``\\ s each value into a buffer taken from :class:`ReplyBuffers`: the
-only copy is the kernel's, into memory a previous load already touched.
-
-A value is handed out as a read-only numpy array built on a ``memoryview`` of its buffer (as the cpu
-tier hands out its slots): numpy stops a derived view's ``.base`` at that array, so the array lives
-as long as anything derived from it (decoded payloads, tensors, a promotion queued to a faster tier),
-and a finalizer gives the buffer back once the last of them is gone. Nothing is ever written into a
-buffer that a live array shows.
+replies itself and ``recv_into``\\ s each value into a buffer of a :class:`BufferPool`: the only
+copy is the kernel's, into memory a previous load already touched. A value is a read-only array
+that gives its buffer back to the pool once nothing derived from it is alive (``buffer_pool``).
 
 Failure contract: an error reply (``MOVED``, ``WRONGTYPE``...) comes back in its key's place as the
 exception redis-py would have made; a connection-level error reply (``NOAUTH``, ``LOADING``) is
 raised once every reply is read. A broken, timed-out (each socket wait is bounded by the
-connection's ``socket_timeout``) or unparsable stream raises, and the caller's connection is
+connection's ``socket_timeout``) or unparsable stream raises ``redis.ConnectionError`` (the tier
+opens its breaker), and the caller's connection is
 disconnected, so the pool reconnects it before its next use.
 """
 
 from __future__ import annotations
 
-import collections
 import socket
-import threading
-import weakref
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import redis
 from redis import exceptions as rex
 
-BUFFER_GRANULE = 64 * 2**10  # buffer sizes are multiples of this, so a chunk's buffer fits its successors
-DEFAULT_KEPT_BYTES = 256 * 2**20  # idle buffer bytes a tier keeps for its next loads
+from .buffer_pool import BufferPool
+
 _STAGE_BYTES = 64 * 2**10  # reply headers (and small values) are read through a staging buffer of this size
 _CRLF = b"\r\n"
 
@@ -47,61 +42,18 @@ _ERRORS: dict[str, type[Exception]] = {
 }
 
 
-class ReplyBuffers:
-    """Buffers for received values, reused once nothing reads them. Thread-safe.
-
-    Idle buffers are kept by size (a multiple of ``BUFFER_GRANULE``) up to ``kept_bytes`` in all; a
-    load that finds none of its size allocates one. ``kept_bytes=0`` keeps none."""
-
-    def __init__(self, kept_bytes: int = DEFAULT_KEPT_BYTES) -> None:
-        if kept_bytes < 0:
-            raise ValueError(f"kept_bytes must be >= 0, got {kept_bytes}")
-        self.kept_bytes = kept_bytes
-        self._idle: dict[int, list[np.ndarray]] = collections.defaultdict(list)
-        self._idle_bytes = 0
-        self._returned: collections.deque[np.ndarray] = collections.deque()  # filled by finalizers (any thread)
-        self._lock = threading.Lock()
-
-    @property
-    def idle_bytes(self) -> int:
-        """Bytes of the buffers kept for reuse (those returned since the last take not counted)."""
-        return self._idle_bytes
-
-    def take(self, nbytes: int) -> np.ndarray:
-        """A writable buffer of at least ``nbytes`` bytes that nothing else uses."""
-        size = max(BUFFER_GRANULE, -(-nbytes // BUFFER_GRANULE) * BUFFER_GRANULE)
-        with self._lock:
-            self._keep_returned()
-            idle = self._idle.get(size)
-            if idle:
-                self._idle_bytes -= size
-                return idle.pop()
-        return np.empty(size, dtype=np.uint8)
-
-    def hand_out(self, buffer: np.ndarray, nbytes: int) -> np.ndarray:
-        """The first ``nbytes`` of ``buffer`` as a read-only array; the buffer comes back to this
-        pool when that array and everything derived from it are gone."""
-        view = np.frombuffer(memoryview(buffer[:nbytes]).toreadonly(), dtype=np.uint8)
-        weakref.finalize(view, self._returned.append, buffer)  # a finalizer only queues (any thread, any lock)
-        return view
-
-    def give_back(self, buffer: np.ndarray) -> None:
-        """Return a buffer that was never handed out."""
-        self._returned.append(buffer)
-
-    def _keep_returned(self) -> None:
-        while self._returned:
-            buffer = self._returned.popleft()
-            if self._idle_bytes + buffer.size <= self.kept_bytes:
-                self._idle[buffer.size].append(buffer)
-                self._idle_bytes += buffer.size
-
-
 class _ReplyStream:
-    """RESP replies of one connection's socket: lines through a staging buffer, values into buffers."""
+    """RESP replies of one connection's socket: lines through a staging buffer, values into buffers.
 
-    def __init__(self, sock: socket.socket) -> None:
+    ``wait_all``: the socket is blocking with a receive timeout (:func:`_blocking_reads`), so a value
+    is received with ``MSG_WAITALL``: one system call, and one wait for the GIL, per value. A value
+    read piece by piece as it trickles in needs the GIL for every piece, and a thread that must share
+    it with a busy engine loop waits up to the switch interval (5 ms) each time: a load in the
+    background ran five times slower than in the step."""
+
+    def __init__(self, sock: socket.socket, wait_all: bool = False) -> None:
         self._sock = sock
+        self._flags = socket.MSG_WAITALL if wait_all else 0
         self._stage = bytearray(_STAGE_BYTES)
         self._view = memoryview(self._stage)
         self._start = 0  # unparsed bytes are self._stage[self._start:self._end]
@@ -126,7 +78,7 @@ class _ReplyStream:
         self._start += staged
         got = staged
         while got < len(out):
-            received = self._sock.recv_into(out[got:])
+            received = self._sock.recv_into(out[got:], 0, self._flags)
             if not received:
                 raise rex.ConnectionError("Redis closed the connection in the middle of a reply")
             got += received
@@ -146,13 +98,34 @@ class _ReplyStream:
         self._end += received
 
 
+@contextmanager
+def _blocking_reads(sock: socket.socket) -> Iterator[bool]:
+    """Make a plain TCP or Unix socket blocking, each wait bounded by a kernel receive timeout equal
+    to its Python timeout, for the replies of one call; True if it did (TLS sockets: unchanged). A
+    receive that times out raises ``redis.TimeoutError``, as redis-py's own reads do."""
+    timeout = sock.gettimeout()
+    if type(sock) is not socket.socket or not timeout:
+        yield False
+        return
+    seconds = int(timeout)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("ll", seconds, int((timeout - seconds) * 1e6)))
+    sock.settimeout(None)
+    try:
+        yield True
+    except BlockingIOError:  # the kernel's receive timeout ran out
+        raise rex.TimeoutError("Timeout reading from socket") from None
+    finally:
+        sock.settimeout(timeout)
+
+
 def _error(message: str) -> Exception:
     code, _, rest = message.partition(" ")
     kind = _ERRORS.get(code)
     return kind(rest) if kind is not None else rex.ResponseError(message)
 
 
-def _read_value(stream: _ReplyStream, buffers: ReplyBuffers) -> np.ndarray | Exception | None:
+def _read_value(stream: _ReplyStream, buffers: BufferPool) -> np.ndarray | Exception | None:
     """One GET reply: the value, None for a missing key, or the error the server answered."""
     line = stream.line()
     kind, rest = line[:1], line[1:]
@@ -188,7 +161,7 @@ def _connection_socket(conn: redis.connection.Connection) -> socket.socket | Non
 Reply = np.ndarray | bytes | Exception | None
 
 
-def get_pooled(client: redis.Redis, names: Sequence[str], buffers: ReplyBuffers) -> list[Reply]:
+def get_pooled(client: redis.Redis, names: Sequence[str], buffers: BufferPool) -> list[Reply]:
     """:func:`get_values` on a connection of ``client``'s pool; one that fails mid-reply is
     disconnected before it goes back, so the pool reconnects it."""
     pool = client.connection_pool
@@ -202,7 +175,7 @@ def get_pooled(client: redis.Redis, names: Sequence[str], buffers: ReplyBuffers)
         pool.release(conn)
 
 
-def get_values(conn: redis.connection.Connection, names: Sequence[str], buffers: ReplyBuffers) -> list[Reply]:
+def get_values(conn: redis.connection.Connection, names: Sequence[str], buffers: BufferPool) -> list[Reply]:
     """``GET`` each name in one round trip on ``conn``: per name its value (a read-only array of
     ``buffers``), None if missing, or the error the server answered for it. Raises on a connection
     failure or a connection-level error reply; the caller then disconnects ``conn``."""
@@ -210,8 +183,9 @@ def get_values(conn: redis.connection.Connection, names: Sequence[str], buffers:
     conn.send_packed_command(conn.pack_commands([("GET", name) for name in names]), check_health=False)
     if sock is None:
         return [_reply_or_error(conn) for _ in names]
-    stream = _ReplyStream(sock)
-    replies = [_read_value(stream, buffers) for _ in names]
+    with _blocking_reads(sock) as wait_all:
+        stream = _ReplyStream(sock, wait_all)
+        replies = [_read_value(stream, buffers) for _ in names]
     if not stream.drained:
         raise rex.ConnectionError("Redis sent more than the replies asked for")
     fatal = next((r for r in replies if isinstance(r, rex.ConnectionError)), None)

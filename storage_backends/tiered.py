@@ -12,6 +12,7 @@ that lookup and is skipped with backoff until it answers in time (``lookup_guard
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,12 +32,23 @@ WritePolicy = Literal["write_through", "top_only"]
 ReadObserver = Callable[[str, int, float], None]
 
 
+def _lower_priority(nice: int) -> None:
+    """Raise the calling thread's nice value by ``nice`` (Linux schedules threads one by one): the
+    engine's threads then get the cores first, and the writer runs in what they leave."""
+    if nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+        except OSError:  # not allowed here: the writer runs at the engine's priority
+            pass
+
+
 class _TierWriter:
     """One background thread per tier with a cap on queued batches."""
 
-    def __init__(self, tier: StorageBackend, max_pending: int) -> None:
+    def __init__(self, tier: StorageBackend, max_pending: int, nice: int = 0) -> None:
         self.tier = tier
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kvtier-{tier.name}")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kvtier-{tier.name}",
+                                        initializer=_lower_priority, initargs=(nice,))
         self._max_pending = max_pending
         self._pending = 0
         self._idle = threading.Condition()
@@ -121,10 +133,13 @@ class TieredStore:
         lookup_budget_s: float = DEFAULT_LOOKUP_BUDGET_S,
         integrity_key: IntegrityKey | None = None,
         flush_timeout_s: float = 30.0,
+        writer_nice: int = 0,
     ) -> None:
         """``integrity_key``: chunks read from a tier that is not process-local must carry a valid
         keyed MAC, and :class:`~kvtier.connector.chunk_store.ChunkStore` writes one into each chunk.
-        ``flush_timeout_s``: the longest wait of :meth:`flush` without a timeout and of :meth:`close`."""
+        ``flush_timeout_s``: the longest wait of :meth:`flush` without a timeout and of :meth:`close`.
+        ``writer_nice``: how much lower than the caller the writer threads run (Linux nice steps), so
+        that background writes yield the cores to the engine's forward pass."""
         if not tiers:
             raise ValueError("TieredStore needs at least one tier")
         names = [t.name for t in tiers]
@@ -134,7 +149,7 @@ class TieredStore:
         self.write_policy = write_policy
         self.integrity_key = integrity_key
         self.flush_timeout_s = flush_timeout_s
-        self._writers = [_TierWriter(t, max_pending_writes) for t in self.tiers]
+        self._writers = [_TierWriter(t, max_pending_writes, writer_nice) for t in self.tiers]
         self.lookup_budget_s = lookup_budget_s
         self._lookups = [bounded_lookup(t, lookup_budget_s) for t in self.tiers]  # same order as tiers
         self._closed = False

@@ -3,6 +3,7 @@ slower than recompute (through a real ChunkStore over a tier that really sleeps)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -196,3 +197,40 @@ def test_a_load_slower_than_recompute_stops_after_its_first_read(caplog: pytest.
     assert len(load.payloads) == 1 and tier.gets == [1]  # the rest is left to be recomputed
     assert "slower than recomputing" in caplog.text and "last 7 of 8 chunks" in caplog.text
     assert report.tiers["sleepy"].seconds >= 0.05
+
+
+# -- which tier holds what: the runs the choice weighs ------------------------------------------------
+
+def test_lookups_tell_which_tier_holds_each_run_and_how_long_each_took() -> None:
+    top, lower = CpuBackend(1 << 20, 4096, name="top"), CpuBackend(1 << 20, 4096, name="lower")
+    store = TieredStore([top, lower])
+    keys = [f"{i:064x}" for i in range(5)]
+    top.put([(keys[0], b"a")])
+    lower.put([(k, b"b") for k in keys[1:3]])
+    top.put([(keys[3], b"c")])
+    looked: list[tuple[str, float]] = []
+    assert store.contains_by_tier(keys, lambda tier, s: looked.append((tier, s))) == [("top", 1), ("lower", 2),
+                                                                                    ("top", 1)]
+    assert store.contains(keys) == 4
+    assert [tier for tier, _ in looked] == ["top", "top", "lower", "top", "top", "lower"]
+    assert all(seconds >= 0 for _, seconds in looked)
+    store.close()
+
+
+def test_a_chunk_counts_for_every_shard_in_the_runs() -> None:
+    from kvtier.connector.shards import PromptChain, ShardSet
+
+    base = KeyNamespace(model="tiny", kv_dtype="float32", layout="LBNHC", num_layers=2, kv_heads=2, head_dim=8,
+                        tp_size=2, tp_rank=0, chunk_size=CHUNK)
+    shards = ShardSet([base, dataclasses.replace(base, tp_rank=1)])
+    chain = PromptChain.of(list(range(4 * CHUNK + 3)), CHUNK)  # 4 chunks and a tail
+    keys = shards.keys(chain.digests)  # chunk-major: c0/r0, c0/r1, c1/r0, ...
+    top, lower = CpuBackend(1 << 20, 4096, name="top"), CpuBackend(1 << 20, 4096, name="lower")
+    store = TieredStore([top, lower])
+    top.put([(k, b"x") for k in keys[:3]])  # chunk 0 on both ranks, chunk 1 on rank 0 only...
+    lower.put([(k, b"x") for k in keys[3:6]])  # ...its rank 1 below, and chunk 2 (both ranks) below
+    assert shards.held_runs(store, chain) == [("top", CHUNK), ("lower", 2 * CHUNK)]
+    assert shards.held_tokens(store, chain) == 3 * CHUNK
+    lower.put([(k, b"x") for k in keys[6:]])  # everything: the tail's tokens end the last run
+    assert shards.held_runs(store, chain)[-1] == ("lower", 3 * CHUNK + 3)
+    store.close()

@@ -15,8 +15,9 @@ import torch
 from redis_server import REDIS_SERVER, RedisServer
 
 from kvtier.storage_backends import redis_reader
+from kvtier.storage_backends.buffer_pool import BUFFER_GRANULE, BufferPool
 from kvtier.storage_backends.redis_backend import RedisBackend
-from kvtier.storage_backends.redis_reader import BUFFER_GRANULE, ReplyBuffers, get_pooled
+from kvtier.storage_backends.redis_reader import get_pooled
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
@@ -26,7 +27,7 @@ def address(array: np.ndarray) -> int:
 
 
 def test_a_buffer_comes_back_only_when_every_derived_view_is_gone() -> None:
-    buffers = ReplyBuffers(kept_bytes=4 * BUFFER_GRANULE)
+    buffers = BufferPool(kept_bytes=4 * BUFFER_GRANULE)
     buffer = buffers.take(1000)
     assert buffer.size == BUFFER_GRANULE and buffer.flags.writeable
     buffer[:5] = np.frombuffer(b"hello", dtype=np.uint8)
@@ -48,7 +49,7 @@ def test_a_buffer_comes_back_only_when_every_derived_view_is_gone() -> None:
 def test_each_derived_view_alone_holds_the_buffer() -> None:
     for make in (lambda v: v[1:], lambda v: memoryview(v)[2:], lambda v: torch.frombuffer(memoryview(v), dtype=torch.uint8),
                  lambda v: v.view(np.int8).reshape(1, -1)):
-        buffers = ReplyBuffers()
+        buffers = BufferPool()
         buffer = buffers.take(10)
         value = buffers.hand_out(buffer, 10)
         survivor = make(value)
@@ -61,16 +62,16 @@ def test_each_derived_view_alone_holds_the_buffer() -> None:
 
 
 def test_idle_buffers_are_kept_up_to_the_cap_and_by_size() -> None:
-    buffers = ReplyBuffers(kept_bytes=2 * BUFFER_GRANULE)
+    buffers = BufferPool(kept_bytes=2 * BUFFER_GRANULE)
     taken = [buffers.take(BUFFER_GRANULE) for _ in range(3)] + [buffers.take(BUFFER_GRANULE + 1)]
     assert [b.size for b in taken] == [BUFFER_GRANULE] * 3 + [2 * BUFFER_GRANULE]
     for buffer in taken:
         buffers.give_back(buffer)
     buffers.take(1)  # takes back the returned buffers that fit under the cap, then reuses one
     assert buffers.idle_bytes == BUFFER_GRANULE
-    assert ReplyBuffers(kept_bytes=0).idle_bytes == 0
+    assert BufferPool(kept_bytes=0).idle_bytes == 0
     with pytest.raises(ValueError, match="kept_bytes"):
-        ReplyBuffers(kept_bytes=-1)
+        BufferPool(kept_bytes=-1)
 
 
 def test_values_of_every_size_missing_keys_and_error_replies(redis_server: RedisServer) -> None:
@@ -81,7 +82,7 @@ def test_values_of_every_size_missing_keys_and_error_replies(redis_server: Redis
     client.mset(values)
     client.rpush("a-list", "x")  # GET on it answers WRONGTYPE
     names = ["v0", "absent", *values, "a-list", "v8"]
-    buffers = ReplyBuffers()
+    buffers = BufferPool()
     replies = get_pooled(client, names, buffers)
     assert len(replies) == len(names)
     assert bytes(replies[0]) == b"" and replies[1] is None

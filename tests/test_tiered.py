@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -197,3 +198,33 @@ def test_metrics_are_served_over_http(tmp_path: Path) -> None:
     assert 'kvtier_get_misses_total{tier="cpu"} 1.0' in text
     assert 'kvtier_op_seconds_count{op="get",tier="cpu"} 1.0' in text
     store.close()
+
+
+class _PriorityProbe(CpuBackend):
+    """A cpu tier that records the nice value of the thread its puts run on."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(1 << 20, 4096, name=name)
+        self.nice: list[int] = []
+
+    def put(self, items: Sequence[tuple[str, Buffer]]) -> int:
+        self.nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return super().put(items)
+
+
+def test_writer_threads_run_below_the_engine_s_priority() -> None:
+    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    if ours > 14:
+        pytest.skip(f"this process already runs at nice {ours}")
+    top, lower = _PriorityProbe("top"), _PriorityProbe("lower")
+    store = TieredStore([top, lower], writer_nice=5)
+    store.put([_chunk(1)])  # the top tier is written by the caller, the lower one by its writer
+    store.put_async([_chunk(2)])
+    assert store.flush(5.0)
+    assert top.nice == [ours, ours + 5] and lower.nice == [ours + 5, ours + 5]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == ours  # the caller is untouched
+    store.close()
+    default = TieredStore([_PriorityProbe("only")])
+    default.put_async([_chunk(3)])
+    assert default.flush(5.0) and default.tiers[0].nice == [ours]
+    default.close()
