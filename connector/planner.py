@@ -102,6 +102,10 @@ class RequestPlanner:
         self._held: dict[str, tuple[int, int]] = {}  # req_id -> (tokens held, engine's own hit) at the last lookup
         self._pending_async: list[TransferSpec] = []
 
+    def others_in_flight(self, req_id: str) -> bool:
+        """Whether a request other than ``req_id`` has blocks allocated and is not finished."""
+        return len(self._requests) > (req_id in self._requests)
+
     def chunks_of(self, num_tokens: int) -> int:
         """Chunks covering ``num_tokens`` tokens, the partial tail included."""
         return -(-num_tokens // self.chunk_size)

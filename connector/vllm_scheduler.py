@@ -105,7 +105,8 @@ class KVTierScheduler:
                                                num_computed_tokens)
         if not matched:
             return 0, False
-        choice = self._costs.choose(self._held_runs, num_computed_tokens, num_computed_tokens + matched)
+        choice = self._costs.choose(self._held_runs, num_computed_tokens, num_computed_tokens + matched,
+                                    self._planner.others_in_flight(request.request_id))
         if choice.tokens < matched:
             log.debug("kvtier: %s: loading %d of the %d tokens held (the rest is cheaper to recompute)",
                       request.request_id, choice.tokens, matched)

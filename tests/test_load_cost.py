@@ -79,6 +79,8 @@ def test_long_loads_go_to_the_background_in_auto_mode() -> None:
     assert not auto.choose([("cpu", 4096)], 0, 4096).background  # about 4 ms
     choice = auto.choose([("disk", 4096)], 0, 4096)  # about 2 s, still cheaper than 4 s of recompute
     assert choice.tokens == 4096 and choice.background and choice.estimated_s == pytest.approx(2.048, rel=0.01)
+    alone = auto.choose([("disk", 4096)], 0, 4096, others_running=False)  # nobody to serve meanwhile
+    assert alone.tokens == 4096 and not alone.background
     assert not taught(LoadCosts(mode="sync"), 1 * MS, tiers).choose([("disk", 4096)], 0, 4096).background
     assert taught(LoadCosts(mode="async"), 1 * MS, tiers).choose([("cpu", 256)], 0, 256).background
 

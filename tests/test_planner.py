@@ -183,3 +183,22 @@ def test_save_all_and_bad_capacity() -> None:
     assert _saved_chunks(_planner({}, admission=SaveAll()), "a", list(range(20))) == 3
     with pytest.raises(ValueError, match="at least 1"):
         SaveOnReuse(0)
+
+
+def test_a_load_goes_to_the_background_only_when_asked_and_others_know_it() -> None:
+    planner = _planner({(20, ""): 20, (30, ""): 24})
+    first, second = _chain(list(range(20))), _chain(list(range(100, 130)))
+    assert not planner.others_in_flight("a")
+    planner.matched_tokens("a", first, "", 0)
+    planner.allocated("a", first, "", 19, [1, 2, 3], background=False)
+    assert planner.others_in_flight("b") and not planner.others_in_flight("a")
+    planner.matched_tokens("b", second, "", 0)
+    planner.allocated("b", second, "", 24, [4, 5, 6, 7], background=True)  # parked: loaded in the next plan
+    plan = StepPlan()
+    planner.take_async_loads(plan)
+    assert [spec.req_id for spec in plan.async_loads] == ["b"] and plan.loads == []
+    planner.scheduled("a", [1, 2, 3], True, 19, 1, plan)
+    assert [spec.req_id for spec in plan.loads] == ["a"]
+    planner.finished("a")
+    planner.finished("b")
+    assert not planner.others_in_flight("c")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import socket
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -122,9 +123,9 @@ def test_redis_py_reads_the_replies_when_it_keeps_no_socket_we_know(redis_server
     assert [None if v is None else bytes(v) for v in backend.get(["c" * 64, "d" * 64])] == [blob, None]
 
 
-def fake_server(reply_to_get: bytes) -> tuple[int, threading.Thread, socket.socket]:
+def fake_server(reply_to_get: bytes, stall_s: float = 0.0) -> tuple[int, threading.Thread, socket.socket]:
     """A one-connection server that answers redis-py's handshake (HELLO 3, CLIENT SETINFO) and
-    ``reply_to_get`` to the GET, then closes."""
+    ``reply_to_get`` to the GET, then (after ``stall_s``, silent) closes."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
@@ -133,6 +134,7 @@ def fake_server(reply_to_get: bytes) -> tuple[int, threading.Thread, socket.sock
             while data := conn.recv(65536):
                 if b"GET" in data:
                     conn.sendall(reply_to_get)
+                    time.sleep(stall_s)
                     return
                 if b"HELLO" in data:
                     conn.sendall(b"%1\r\n$5\r\nproto\r\n:3\r\n")
@@ -162,5 +164,18 @@ def test_a_reply_that_breaks_the_protocol_is_an_error_not_a_value(redis_server: 
     port, thread, listener = fake_server(b"$3\r\nabcXY")  # no CRLF after the value
     broken = RedisBackend(f"redis://127.0.0.1:{port}/0", retry_interval_s=0, op_timeout_s=2)
     assert broken.get(["e" * 64]) == [None] and broken.stats()["errors"] == 1
+    thread.join(5)
+    listener.close()
+
+
+def test_a_value_that_stops_arriving_costs_one_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    """Values are received with MSG_WAITALL on a blocking socket: the kernel's receive timeout still
+    bounds every wait, and the tier sees redis-py's TimeoutError (its breaker then backs off)."""
+    port, thread, listener = fake_server(b"$1000000\r\n" + b"x" * 400_000, stall_s=3.0)
+    stalled = RedisBackend(f"redis://127.0.0.1:{port}/0", retry_interval_s=0, op_timeout_s=0.5)
+    began = time.monotonic()
+    assert stalled.get(["e" * 64]) == [None]
+    assert time.monotonic() - began < 2.0 and stalled.stats()["errors"] == 1
+    assert "TimeoutError" in caplog.text
     thread.join(5)
     listener.close()
