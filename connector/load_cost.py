@@ -194,7 +194,7 @@ class LoadCosts:
             speed.slower_than_recompute = slower
             log.info("kvtier: loading from the %s tier is now %s than recomputing (%.3g ms per token against "
                      "%.3g ms)%s", tier, "slower" if slower else "faster", 1e3 * speed.s_per_token.value,
-                     1e3 * per_token, ": its chunks are recomputed" if slower else "")
+                     1e3 * per_token, ": its chunks are recomputed" if slower and self.policy == "auto" else "")
 
 
 @dataclass
