@@ -66,7 +66,8 @@ class TierReads:
 
 @dataclass
 class LoadReport:
-    """What loads measured: per tier, tokens and seconds (a worker's, or several merged). Thread-safe adds."""
+    """What loads measured: per tier, tokens and seconds (a worker's, or several merged). Not locked: each load
+    fills its own, and the owner merges them under its lock."""
 
     tiers: dict[str, TierReads] = field(default_factory=dict)
 
