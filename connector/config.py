@@ -128,8 +128,9 @@ class KVTierConfig(_Strict):
     model_id: str | None = None  # names the model in keys; default: the engine's model name or path
     max_pending_writes: int = Field(default=64, ge=1, le=1 << 16)  # batches queued for lower tiers
     # The tier writer threads run this many nice steps below the engine (Linux), so that background writes
-    # yield the cores to the forward pass; 0 runs them at the engine's priority.
-    writer_nice: int = Field(default=10, ge=0, le=19)
+    # yield the cores to the forward pass; 0 (the default) runs them at the engine's priority. Above 0 a
+    # prompt repeated at once may miss: its chunks wait for a writer that a busy engine starves.
+    writer_nice: int = Field(default=0, ge=0, le=19)
     # Longest wait for queued writes to reach their tiers: a producer's save wait, a flush without a
     # timeout, and shutdown (what is still queued then is dropped). Finite, so a hung tier never hangs them.
     flush_timeout_s: float = Field(default=30.0, gt=0, le=3600)

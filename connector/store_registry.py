@@ -81,6 +81,13 @@ class StoreRegistry:
         if entry.metrics_server is not None:
             entry.metrics_server.shutdown()
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the writes queued so far in every open store have reached their tiers (at most
+        ``timeout`` seconds each; None: each store's ``flush_timeout_s``); False if time ran out."""
+        with self._lock:
+            entries = list(self._entries.values())
+        return all([entry.store.flush(timeout) for entry in entries])
+
     def stats(self) -> dict[str, dict[str, float]]:
         """Per-tier counters of every open store (tiers of different configs merged by name)."""
         with self._lock:

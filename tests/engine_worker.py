@@ -61,4 +61,5 @@ if __name__ == "__main__":
     if job.get("kv") and not job.get("multiprocess"):
         from kvtier.connector.store_registry import STORES
 
+        STORES.flush()  # background writes (the writers run below the engine's priority) are counted once done
         print("STATS " + json.dumps(STORES.stats()), flush=True)
