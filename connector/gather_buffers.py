@@ -20,10 +20,9 @@ import numpy as np
 import torch
 
 from kvtier.chunk_format.codec import PAYLOAD_ALIGN
-from kvtier.storage_backends.buffer_pool import BufferPool
+from kvtier.storage_backends.buffer_pool import DEFAULT_KEPT_BYTES, BufferPool
 
 HEADROOM = 4096  # room for a chunk's header before its payload (a header that does not fit is copied)
-DEFAULT_KEPT_BYTES = 256 * 2**20  # idle gather buffers kept for the next saves
 
 
 @dataclass
@@ -50,7 +49,7 @@ class GatherBuffers:
 
     def take(self, count: int, chunk_shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> GatherRun:
         """Room for ``count`` chunks of ``chunk_shape``; ``pinned`` for a CUDA cache's copy kernels."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         payload = prod(chunk_shape) * itemsize
         slot = HEADROOM + -(-payload // PAYLOAD_ALIGN) * PAYLOAD_ALIGN  # every payload starts aligned
         owner = None if pinned else self._pool.take(count * slot)
@@ -60,11 +59,9 @@ class GatherBuffers:
         else:
             buffer = owner[: count * slot]
             raw = torch.from_numpy(buffer)
-        flat = raw.view(dtype)
-        strides = [1] * len(chunk_shape)
-        for axis in range(len(chunk_shape) - 2, -1, -1):
-            strides[axis] = strides[axis + 1] * chunk_shape[axis + 1]
-        out = flat.as_strided((count, *chunk_shape), (slot // itemsize, *strides), HEADROOM // itemsize)
+        chunk_strides = torch.empty(chunk_shape, device="meta").stride()  # contiguous, nothing allocated
+        out = raw.view(dtype).as_strided((count, *chunk_shape), (slot // itemsize, *chunk_strides),
+                                         HEADROOM // itemsize)
         return GatherRun(buffer, slot, payload, out, owner)
 
     def blobs(self, run: GatherRun, starts: list[int]) -> list[memoryview]:

@@ -71,18 +71,15 @@ class LoadReport:
 
     tiers: dict[str, TierReads] = field(default_factory=dict)
 
-    def add(self, tier: str, tokens: float, seconds: float) -> None:
-        reads = self.tiers.setdefault(tier, TierReads())
-        reads.tokens += tokens
-        reads.seconds += seconds
-        reads.reads += 1
+    def add(self, tier: str, tokens: float, seconds: float, reads: int = 1) -> None:
+        mine = self.tiers.setdefault(tier, TierReads())
+        mine.tokens += tokens
+        mine.seconds += seconds
+        mine.reads += reads
 
     def merge(self, other: LoadReport) -> None:
         for tier, reads in other.tiers.items():
-            mine = self.tiers.setdefault(tier, TierReads())
-            mine.tokens += reads.tokens
-            mine.seconds += reads.seconds
-            mine.reads += reads.reads
+            self.add(tier, reads.tokens, reads.seconds, reads.reads)
 
 
 @dataclass(frozen=True)
